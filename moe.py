@@ -1,0 +1,599 @@
+"""
+A mixture-of-experts (MoE) decoder-only language model in one file.
+
+The attention half of every block is gpt_llama.py's LLaMA block (RMSNorm, RoPE, grouped-query
+attention). In the feed-forward half, a router sends each token to k of E small SwiGLU experts, so the
+model holds E experts' parameters but spends only k experts' compute per token:
+- sparsely gated experts with a learned top-k router (Shazeer et al. 2017, https://arxiv.org/abs/1701.06538);
+- capacity limits and dispatch across many experts, GShard (Lepikhin et al. 2020, https://arxiv.org/abs/2006.16668);
+- the load-balancing auxiliary loss of the Switch Transformer (Fedus et al. 2021, https://arxiv.org/abs/2101.03961);
+- the router z-loss of ST-MoE (Zoph et al. 2022, https://arxiv.org/abs/2202.08906);
+- top-2 of 8 experts with renormalised weights, Mixtral (Jiang et al. 2024, https://arxiv.org/abs/2401.04088);
+- always-on shared experts and fine-grained experts, DeepSeekMoE (Dai et al. 2024, https://arxiv.org/abs/2401.06066),
+  with a sigmoid gate on the shared expert as in Qwen2-MoE (Qwen team 2024, https://arxiv.org/abs/2407.10671);
+- auxiliary-loss-free balancing with a per-expert bias that only steers selection, DeepSeek-V3
+  (DeepSeek-AI 2024, https://arxiv.org/abs/2412.19437), and its sigmoid router scores.
+
+Dispatch is dropless by default: the N*k token-expert assignments are sorted by expert, so each expert
+runs one matmul over a contiguous slice of tokens. With a capacity factor, assignments past an expert's
+capacity are dropped during training (the token keeps its residual), as in GShard and Switch.
+
+Shapes, with B = batch, T = sequence length, C = dim, N = B * T tokens, E = n_experts, k = top_k,
+I = expert_dim, H = n_heads, K = n_kv_heads, D = head_dim:
+    idx                     (B, T)          token ids
+    x                       (B, T, C)       residual stream; flattened to (N, C) inside the MoE layer
+    q / k, v                (B, H / K, T, D)
+    router logits, scores   (N, E)          float32
+    indices, weights        (N, k)          chosen experts and their mixing weights
+    gate_up                 (E, 2 * I, C)   each expert's SwiGLU gate and up projections, stacked
+    down                    (E, C, I)       each expert's down projection
+    logits                  (B, T, vocab_size)
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    vocab_size: int = 512
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # None: dim // n_heads
+    ffn_dim: int = 172  # width of the dense SwiGLU layers (and of the dense layers' fallback block)
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3 RoPE scaling, as in gpt_llama.py
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    qkv_bias: bool = False  # Qwen2-MoE has biases on the query, key and value projections
+    # The experts.
+    n_experts: int = 8
+    top_k: int = 2
+    expert_dim: int = 64
+    n_shared_experts: int = 0  # always-on experts every token goes through
+    shared_expert_dim: int = 64
+    shared_expert_gate: bool = False  # Qwen2-MoE scales the shared expert by sigmoid(w . x)
+    score_func: str = "softmax"  # "softmax" (Mixtral, Qwen2-MoE) or "sigmoid" (DeepSeek-V3)
+    norm_topk: bool = True  # rescale the k chosen weights to sum to 1
+    # Placement: layer i is an MoE layer when i >= first_dense_layers and (i + 1) % moe_every == 0
+    # (Hugging Face's decoder_sparse_step convention).
+    first_dense_layers: int = 0
+    moe_every: int = 1
+    # Balancing. aux_loss_coef uses the Switch Transformer's scale, where the loss is 1 at uniform
+    # routing; Hugging Face's load_balancing_loss_func is k times larger, so its router_aux_loss_coef
+    # is ours divided by k.
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 1e-3
+    bias_update_rate: float = 0.0  # > 0: DeepSeek-V3's auxiliary-loss-free balancing
+    capacity_factor: float | None = None  # None: dropless
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be between 1 and n_experts ({self.n_experts})")
+        if self.score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_func must be 'softmax' or 'sigmoid', not {self.score_func!r}")
+
+    def is_moe_layer(self, i):
+        return i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
+
+
+TASK = "causal_lm"
+HF_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
+# Defaults of `python train.py --model moe`: about five minutes on two CPU cores.
+TRAIN_RECIPE = dict(
+    config=dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=344, max_seq_len=256,
+                n_experts=8, top_k=2, expert_dim=128, aux_loss_coef=0.01),
+    vocab_size=2048,
+    batch_size=16,
+    lr=3e-3,
+    warmup_steps=50,
+    time_budget=300,
+)
+
+
+# copied from gpt_llama.py: RMSNorm
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 even under bf16 autocast: the mean of squares loses precision otherwise.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# copied from gpt_llama.py: rope_tables
+def rope_tables(head_dim, max_seq_len, theta, scaling=None):
+    """cos and sin of (max_seq_len, head_dim) for every position, in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is not None:
+        # Llama 3: keep high frequencies, divide low ones by `factor`, interpolate in between, so the
+        # model sees wavelengths it was trained on when the context grows past the original length.
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        low_wavelen = old_len / scaling["low_freq_factor"]
+        high_wavelen = old_len / scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - scaling["low_freq_factor"]) / (
+            scaling["high_freq_factor"] - scaling["low_freq_factor"]
+        )
+        interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(is_medium, interpolated, inv_freq)
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    # Hugging Face's layout: the two halves of a head, not interleaved pairs, form the rotated planes.
+    freqs = torch.cat([freqs, freqs], dim=-1)
+    return freqs.cos(), freqs.sin()
+
+
+# copied from gpt_llama.py: apply_rope
+def apply_rope(x, cos, sin):
+    """Rotate (x[:D/2], x[D/2:]) pairs of x (B, H, T, D) by the angles whose cos and sin are (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+# copied from gpt_llama.py: KVCache
+class KVCache(nn.Module):
+    """Keys and values of past positions, preallocated so that decoding never reallocates."""
+
+    def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):
+        """Store k, v (B, K, T, D) at positions pos..pos+T and return all keys and values so far."""
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+# copied from gpt_llama.py: Attention
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.dropout = config.dropout
+        self.cache = None  # a KVCache while generating
+
+    def forward(self, x, cos, sin, pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(pos, k, v)
+        # Each query may see keys up to its own position. Without a cache, or for the prompt, that is
+        # the plain causal mask; a single new token sees everything cached; a chunk after a cached
+        # prefix needs the offset mask spelled out.
+        mask, is_causal = None, T > 1
+        if T > 1 and pos > 0:
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# copied from gpt_llama.py: FeedForward
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim, ffn_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# copied from gpt_llama.py: Block
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.ffn_dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, pos=0):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, pos))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Router(nn.Module):
+    """Scores the E experts for each token and picks k of them."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k, self.score_func, self.norm_topk = config.top_k, config.score_func, config.norm_topk
+        self.weight = nn.Parameter(torch.empty(config.n_experts, config.dim))
+        # DeepSeek-V3's balancing bias is added to the scores only to choose experts, never to weight
+        # their outputs, so it steers the load without a gradient that fights the language-model loss.
+        self.register_buffer("bias", torch.zeros(config.n_experts))
+
+    def forward(self, x):
+        """logits and scores (N, E) in float32, indices and weights (N, k) of the chosen experts."""
+        # In float32 even under bf16 autocast: a rounding error in a logit flips which expert is chosen.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+        indices = torch.topk(scores + self.bias, self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, scores, indices, weights
+
+
+def moe_dispatch(x, indices, weights, gate_up, down, capacity=None):
+    """Send each token of x (N, C) to its experts indices (N, k) and sum their outputs by weights (N, k).
+
+    The N * k assignments are sorted by expert (stably, so tokens keep their order within an expert):
+    each expert's tokens become one contiguous slice, and each expert costs one matmul per projection,
+    whatever the routing. With a capacity, an expert serves only its first `capacity` assignments.
+    Returns y (N, C) and the number of dropped assignments.
+    """
+    N, k = indices.shape
+    flat = indices.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.size(0))
+    if capacity is not None:
+        rank = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+        order = order[rank < capacity]
+        counts = counts.clamp(max=capacity)
+    token = order // k
+    outputs = []
+    for e, xe in enumerate(x[token].split(counts.tolist())):
+        gate, up = F.linear(xe, gate_up[e]).chunk(2, dim=-1)
+        outputs.append(F.linear(F.silu(gate) * up, down[e]))
+    y = torch.cat(outputs) * weights.flatten()[order, None]
+    return x.new_zeros(x.shape).index_add(0, token, y.to(x.dtype)), N * k - order.numel()
+
+
+def load_balancing_loss(scores, counts):
+    """The Switch Transformer's loss E * sum_i f_i * P_i, which is 1 when the routing is uniform.
+
+    f_i is the fraction of the token-expert assignments that went to expert i (from counts (E,)),
+    P_i the mean router probability of expert i over the tokens (scores (N, E)). f carries no gradient;
+    P does, and the product pushes probability away from overloaded experts.
+    """
+    probs = scores / scores.sum(dim=-1, keepdim=True)  # sigmoid scores do not sum to 1 by themselves
+    f = counts.float() / counts.sum()
+    return counts.numel() * (f * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(logits):
+    """ST-MoE's penalty on large router logits (N, E), which keeps the float32 softmax stable."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts, plus shared experts that every token goes through."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.router = Router(config)
+        E, I, C = config.n_experts, config.expert_dim, config.dim
+        self.gate_up = nn.Parameter(torch.empty(E, 2 * I, C))
+        self.down = nn.Parameter(torch.empty(E, C, I))
+        self.shared = nn.ModuleList(FeedForward(C, config.shared_expert_dim) for _ in range(config.n_shared_experts))
+        self.shared_gate = nn.Linear(C, config.n_shared_experts, bias=False) if config.shared_expert_gate else None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.view(-1, C)
+        logits, scores, indices, weights = self.router(x)
+        counts = torch.bincount(indices.flatten(), minlength=self.config.n_experts)
+        # Dropping is a training-time device for bounded memory; at inference every token is served,
+        # which also keeps cached decoding equal to recomputation.
+        capacity = None
+        if self.training and self.config.capacity_factor is not None:
+            capacity = math.ceil(self.config.capacity_factor * indices.numel() / self.config.n_experts)
+        y, dropped = moe_dispatch(x, indices, weights, self.gate_up, self.down, capacity)
+        gates = self.shared_gate(x).sigmoid() if self.shared_gate is not None else None
+        for j, expert in enumerate(self.shared):
+            y = y + (expert(x) if gates is None else gates[:, j : j + 1] * expert(x))
+        self.aux_loss = load_balancing_loss(scores, counts)
+        self.z_loss = router_z_loss(logits)
+        self.load, self.dropped = counts.detach(), dropped / indices.numel()
+        if self.training and self.config.bias_update_rate > 0:
+            self.update_bias(counts)
+        return y.view(B, T, C)
+
+    @torch.no_grad()
+    def update_bias(self, counts):
+        """DeepSeek-V3: raise the bias of underloaded experts and lower that of overloaded ones."""
+        counts = counts.float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)  # every rank must keep the same biases
+        self.router.bias += self.config.bias_update_rate * torch.sign(counts.mean() - counts)
+
+
+class Model(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        for i, layer in enumerate(self.layers):
+            # gpt_llama's block, with a mixture of experts in place of its feed-forward layer, and
+            # Qwen2-MoE's query, key and value biases.
+            if config.is_moe_layer(i):
+                layer.feed_forward = MoE(config)
+            if config.qkv_bias:
+                for proj in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
+                    proj.bias = nn.Parameter(torch.zeros(proj.out_features))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        for name, p in self.named_parameters():
+            if p.dim() > 1:
+                # GPT-2's residual scaling: shrink the projections that write into the residual stream
+                # by sqrt(2 * n_layers), so the stream's variance does not grow with depth.
+                residual = name.endswith(("wo.weight", "w2.weight", "down"))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers) if residual else 0.02)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def moe_layers(self):
+        return [layer.feed_forward for layer in self.layers if isinstance(layer.feed_forward, MoE)]
+
+    def forward(self, idx, targets=None, pos=0):
+        """Logits (B, T, vocab_size) for idx (B, T) at positions pos..pos+T, and the loss if targets.
+
+        The loss adds the balancing and z losses, averaged over the MoE layers, to the cross-entropy.
+        """
+        B, T = idx.shape
+        if pos + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {pos + T} tokens is longer than the context of {self.config.max_seq_len}; "
+                "shorten the input or use a model with a larger max_seq_len"
+            )
+        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        x = self.dropout(self.tok_embeddings(idx))
+        for layer in self.layers:
+            x = layer(x, cos, sin, pos)
+        logits = self.output(self.norm(x))
+        if targets is None:
+            return logits, None
+        loss = lm_loss(logits, targets)
+        moes = self.moe_layers()
+        if moes:
+            loss = loss + self.config.aux_loss_coef * sum(m.aux_loss for m in moes) / len(moes)
+            loss = loss + self.config.z_loss_coef * sum(m.z_loss for m in moes) / len(moes)
+        return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """A Hugging Face MixtralForCausalLM or Qwen2MoeForCausalLM checkpoint folder, in float32."""
+        config = config_from_hf(read_hf_config(folder))
+        model = cls(config)
+        state = hf_to_state_dict(load_safetensors(folder), config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # The checkpoints carry no balancing bias: it stays zero, which is what they were trained with.
+        missing = [k for k in missing if not k.endswith("router.bias")]
+        if missing or unexpected:
+            raise ValueError(f"{folder}: the weights do not fit the config; missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+
+    def metrics(self):
+        """Expert utilisation in the last forward pass, as floats for the training log.
+
+        load_l{i}_e{j}: fraction of layer i's assignments that went to expert j. cv: coefficient of
+        variation of the per-expert counts, mean over layers; maxvio: max load / mean load - 1, worst
+        layer; dead: experts that got no token, all layers; dropped: fraction of assignments over
+        capacity; aux_loss and z_loss: mean over layers.
+        """
+        out, cvs, maxvios = {}, [], []
+        dead = dropped = aux = z = 0.0
+        moe_index = [i for i in range(self.config.n_layers) if self.config.is_moe_layer(i)]
+        moes = self.moe_layers()
+        if not moes or not hasattr(moes[0], "load"):
+            return out
+        for i, m in zip(moe_index, moes):
+            load = m.load.float()
+            for j, share in enumerate((load / load.sum()).tolist()):
+                out[f"load_l{i}_e{j}"] = share
+            cvs.append((load.std(unbiased=False) / load.mean()).item())
+            maxvios.append((load.max() / load.mean() - 1).item())
+            dead += (load == 0).sum().item()
+            dropped += m.dropped / len(moes)
+            aux += m.aux_loss.item() / len(moes)
+            z += m.z_loss.item() / len(moes)
+        out.update(cv=sum(cvs) / len(cvs), maxvio=max(maxvios), dead=dead, dropped=dropped, aux_loss=aux, z_loss=z)
+        return out
+
+    def num_params(self, active=False):
+        """Parameters, counting the tied embedding once; active=True: only those one token uses."""
+        n = sum(p.numel() for p in self.parameters())
+        if active:
+            c = self.config
+            n -= len(self.moe_layers()) * (c.n_experts - c.top_k) * 3 * c.expert_dim * c.dim
+        return n
+
+    def flops_per_token(self):
+        """Training FLOPs per token with the active parameters: 6 per weight, plus attention scores."""
+        c = self.config
+        return 6 * self.num_params(active=True) + 12 * c.n_layers * c.n_heads * c.head_dim * c.max_seq_len
+
+
+# copied from gpt_llama.py: lm_loss
+def lm_loss(logits, targets, ignore_index=-100):
+    """Mean next-token cross-entropy; targets equal to ignore_index (padding) count for nothing."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+
+
+def read_hf_config(folder):
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass a Hugging Face checkpoint folder (config.json and *.safetensors)")
+    return json.loads(path.read_text())
+
+
+def config_from_hf(hf):
+    """Our Config for a Hugging Face config.json dict of a Mixtral or Qwen2-MoE model."""
+    arch = (hf.get("architectures") or ["(none)"])[0]
+    if arch not in HF_ARCHITECTURES:
+        raise ValueError(f"config.json names architecture {arch}; this file loads only {', '.join(HF_ARCHITECTURES)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported; the experts here are SwiGLU (silu)")
+    rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") not in ("default", "llama3"):
+        raise ValueError(f"rope_type {rope['rope_type']!r} is not supported; only 'default' and 'llama3' are")
+    qwen = arch == "Qwen2MoeForCausalLM"
+    n_layers, top_k = hf["num_hidden_layers"], hf["num_experts_per_tok"]
+    dense = sorted(hf.get("mlp_only_layers") or [])
+    if dense != list(range(len(dense))):
+        raise ValueError(f"mlp_only_layers {dense} is not supported; only the first layers may be dense")
+    # Sliding-window attention sees the whole sequence when it is no longer than the window.
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", not qwen) else None
+    shared_dim = hf.get("shared_expert_intermediate_size", 0) if qwen else 0
+    return Config(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=n_layers,
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        ffn_dim=hf["intermediate_size"],
+        max_seq_len=min(hf["max_position_embeddings"], window or hf["max_position_embeddings"]),
+        rope_theta=rope["rope_theta"],
+        rope_scaling=rope if rope.get("rope_type") == "llama3" else None,
+        norm_eps=hf["rms_norm_eps"],
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=qwen and hf.get("qkv_bias", True),
+        n_experts=hf["num_experts"] if qwen else hf["num_local_experts"],
+        top_k=top_k,
+        expert_dim=hf["moe_intermediate_size"] if qwen else hf["intermediate_size"],
+        n_shared_experts=1 if shared_dim else 0,
+        shared_expert_dim=shared_dim or 64,
+        shared_expert_gate=bool(shared_dim),
+        norm_topk=hf.get("norm_topk_prob", False) if qwen else True,
+        first_dense_layers=len(dense),
+        moe_every=hf.get("decoder_sparse_step", 1) if qwen else 1,
+        aux_loss_coef=hf.get("router_aux_loss_coef", 0.001) * top_k,  # Hugging Face's scale is k times ours
+        z_loss_coef=0.0,
+    )
+
+
+def load_safetensors(folder):
+    """All tensors of model.safetensors, or of the shards a model.safetensors.index.json lists."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError("loading Hugging Face weights needs safetensors: pip install safetensors") from None
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+    tensors = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is listed in the index but missing; download it again")
+        tensors.update(load_file(folder / name))
+    return tensors
+
+
+# Hugging Face names to ours, applied in order, after "model." and the "block_sparse_moe." of Mixtral
+# checkpoints (which transformers 5 calls "mlp.") are normalised.
+HF_RENAMES = [
+    ("embed_tokens.", "tok_embeddings."),
+    ("lm_head.", "output."),
+    (".input_layernorm.", ".attention_norm."),
+    (".post_attention_layernorm.", ".ffn_norm."),
+    (".self_attn.q_proj.", ".attention.wq."),
+    (".self_attn.k_proj.", ".attention.wk."),
+    (".self_attn.v_proj.", ".attention.wv."),
+    (".self_attn.o_proj.", ".attention.wo."),
+    (".mlp.experts.gate_up_proj", ".feed_forward.gate_up"),  # transformers 5's fused (E, 2I, C) layout
+    (".mlp.experts.down_proj", ".feed_forward.down"),
+    (".mlp.gate.", ".feed_forward.router."),
+    (".mlp.shared_expert_gate.", ".feed_forward.shared_gate."),
+    (".mlp.shared_expert.", ".feed_forward.shared.0."),
+    (".mlp.", ".feed_forward."),
+    ("gate_proj.", "w1."),
+    ("up_proj.", "w3."),
+    ("down_proj.", "w2."),
+]
+# The per-expert layout that save_pretrained writes: experts.{e}.w1 / w3 / w2 (Mixtral) or
+# experts.{e}.gate_proj / up_proj / down_proj (Qwen2-MoE).
+HF_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
+HF_EXPERT_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+def hf_to_state_dict(hf_state, config):
+    """Our state dict from a Hugging Face one: renamed, and per-expert matrices stacked into 3-D tensors."""
+    state, experts = {}, {}
+    for name, tensor in hf_state.items():
+        m = HF_EXPERT.fullmatch(name)
+        if m:
+            experts.setdefault((int(m[1]), HF_EXPERT_PART[m[3]]), {})[int(m[2])] = tensor
+            continue
+        name = name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+        for old, new in HF_RENAMES:
+            name = name.replace(old, new)
+        state[name] = tensor.float()
+    for (layer, part), per_expert in experts.items():
+        if sorted(per_expert) != list(range(config.n_experts)):
+            raise ValueError(f"layer {layer} has experts {sorted(per_expert)}, expected 0..{config.n_experts - 1}")
+        stacked = torch.stack([per_expert[e] for e in range(config.n_experts)]).float()
+        key = f"layers.{layer}.feed_forward."
+        if part == "down":
+            state[key + "down"] = stacked
+        else:
+            state.setdefault(key + "gate_up", {})[part] = stacked
+    for name, parts in list(state.items()):
+        if isinstance(parts, dict):
+            state[name] = torch.cat([parts["gate"], parts["up"]], dim=1)
+    if config.tie_embeddings:
+        state.setdefault("output.weight", state["tok_embeddings.weight"])
+    return state
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = Model(Config())
+    x = torch.randint(0, 512, (2, 16))
+    print(model(x, x)[1])
