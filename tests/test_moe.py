@@ -1,0 +1,197 @@
+"""moe.py against transformers' Mixtral and Qwen2-MoE, and its dispatch and balancing against hand-written references."""
+
+import json
+
+import pytest
+import torch
+
+import moe
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, E, K = 96, 4, 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only adds synchronisation, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_hf(kind, folder, max_shard_size=None):
+    """A randomly initialised transformers model, its weights drawn large enough to route unevenly."""
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts_per_tok=K, max_position_embeddings=64, router_aux_loss_coef=0.02,
+    )
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(num_local_experts=E, **common)
+        model = transformers.MixtralForCausalLM(config)
+    else:
+        # Layer 0 dense, layer 1 sparse; an unnormalised top-k and a gated shared expert.
+        config = transformers.Qwen2MoeConfig(
+            num_experts=E, moe_intermediate_size=24, shared_expert_intermediate_size=36, mlp_only_layers=[0],
+            norm_topk_prob=False, **common,
+        )
+        model = transformers.Qwen2MoeForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.3 if "gate" in name else 0.1)
+    model.eval()
+    kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
+    model.save_pretrained(folder, **kwargs)
+    return model
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    # Mixtral is saved in shards, so that the index path is exercised too.
+    hf = tiny_hf(request.param, folder, "40KB" if request.param == "mixtral" else None)
+    return request.param, hf, moe.Model.from_pretrained(folder).eval(), folder
+
+
+def test_logits_and_aux_loss_match_transformers(pair):
+    kind, hf, ours, folder = pair
+    if kind == "mixtral":
+        assert (folder / "model.safetensors.index.json").exists()
+    torch.manual_seed(1)
+    idx = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        ref = hf(idx, labels=idx, output_router_logits=True)
+        logits, _ = ours(idx)
+        assert (logits - ref.logits).abs().max().item() < 1e-4
+        # Per MoE layer: the same router logits, and Hugging Face's balancing loss is k times ours.
+        layers = ours.moe_layers()
+        assert len(layers) == len(ref.router_logits) == (2 if kind == "mixtral" else 1)
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        for layer, router_logits in zip(layers, ref.router_logits):
+            hf_aux = load_balancing_loss_func((router_logits,), E, K)
+            assert abs(K * layer.aux_loss.item() - hf_aux.item()) < 1e-5
+        if kind == "qwen2_moe":  # one MoE layer: the whole training loss must agree as well
+            targets = torch.cat([idx[:, 1:], torch.full((2, 1), -100)], dim=1)  # HF shifts labels inside
+            assert abs(ours(idx, targets)[1].item() - ref.loss.item()) < 1e-5
+
+
+def test_loads_transformers_in_memory_fused_layout(pair, tmp_path):
+    """transformers 5 keeps experts as fused (E, 2I, C) / (E, C, I) tensors; a file in that layout loads too."""
+    from safetensors.torch import save_file
+
+    kind, hf, ours, folder = pair
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    idx = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        assert torch.allclose(moe.Model.from_pretrained(tmp_path)(idx)[0], hf(idx).logits, atol=1e-4)
+
+
+def test_clear_errors_for_bad_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        moe.Model.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ValueError, match="MixtralForCausalLM"):
+        moe.Model.from_pretrained(tmp_path)
+
+
+def naive_dispatch(x, indices, weights, gate_up, down, capacity=None):
+    """One token and one choice at a time, in token order; an expert serves only its first `capacity`."""
+    y, used, dropped = torch.zeros_like(x), [0] * gate_up.size(0), 0
+    for t in range(x.size(0)):
+        for j in range(indices.size(1)):
+            e = indices[t, j].item()
+            if capacity is not None and used[e] >= capacity:
+                dropped += 1
+                continue
+            used[e] += 1
+            gate, up = (gate_up[e] @ x[t]).chunk(2)
+            y[t] += weights[t, j] * (down[e] @ (torch.nn.functional.silu(gate) * up))
+    return y, dropped
+
+
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_sorted_dispatch_equals_per_token_loop(capacity):
+    torch.manual_seed(0)
+    N, C, I, n_experts = 12, 8, 6, 5
+    x = torch.randn(N, C)
+    gate_up, down = torch.randn(n_experts, 2 * I, C), torch.randn(n_experts, C, I)
+    # Ties everywhere: most tokens pick expert 2, several pick the same pair, some weights are equal,
+    # and expert 4 is never chosen.
+    indices = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 3], [1, 2], [2, 0], [3, 1], [2, 0], [0, 1], [2, 3], [1, 0], [3, 2]])
+    weights = torch.rand(N, 2)
+    weights[::3] = 0.5
+    y, dropped = moe.moe_dispatch(x, indices, weights, gate_up, down, capacity)
+    y_ref, dropped_ref = naive_dispatch(x, indices, weights, gate_up, down, capacity)
+    assert dropped == dropped_ref and (dropped > 0) == (capacity is not None)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_balancing_loss_hand_values():
+    n_tokens, n_experts = 8, 4
+    # Uniform: every expert gets the same share of assignments and the same mean probability -> 1.
+    uniform = torch.full((n_tokens, n_experts), 1 / n_experts)
+    counts = torch.bincount(torch.arange(n_tokens * 2) % n_experts, minlength=n_experts)
+    assert moe.load_balancing_loss(uniform, counts).item() == pytest.approx(1.0)
+    # Collapsed onto expert 0 with k = 1: f = P = (1, 0, 0, 0) -> E * 1 * 1.
+    collapsed = torch.zeros(n_tokens, n_experts)
+    collapsed[:, 0] = 1
+    counts = torch.tensor([n_tokens, 0, 0, 0])
+    assert moe.load_balancing_loss(collapsed, counts).item() == pytest.approx(n_experts)
+    # Collapsed with k = 2 onto experts 0 and 1: f = (1/2, 1/2, 0, 0), P = (1, 0, 0, 0) -> E / 2.
+    counts = torch.tensor([n_tokens, n_tokens, 0, 0])
+    assert moe.load_balancing_loss(collapsed, counts).item() == pytest.approx(n_experts / 2)
+
+
+def cv_after(layer, skew, steps):
+    """Coefficient of variation of the expert counts, summed over the last 5 of `steps` fresh batches."""
+    torch.manual_seed(1)
+    loads = []
+    for _ in range(steps):
+        with torch.no_grad():
+            layer(torch.randn(1, 256, 16) + skew)
+        loads.append(layer.load.float())
+    load = sum(loads[-5:])
+    return (load.std(unbiased=False) / load.mean()).item()
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_bias_balancing_evens_out_a_skewed_router(score_func):
+    torch.manual_seed(0)
+    config = moe.Config(dim=16, n_experts=8, top_k=2, expert_dim=8, score_func=score_func, bias_update_rate=0.01)
+    layer = moe.MoE(config).train()
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.gate_up, std=0.1)
+        torch.nn.init.normal_(layer.down, std=0.1)
+        torch.nn.init.normal_(layer.router.weight, std=0.3)
+        layer.router.weight[0] += 0.5
+    skew = 0.5 * layer.router.weight[0]  # tokens lean towards expert 0
+    weight_before = layer.router.weight.clone()
+    balanced = cv_after(layer, skew, 100)
+    assert torch.equal(layer.router.weight, weight_before)  # only the selection bias moved
+    assert layer.router.bias[0] < 0
+    # The same router without bias updates stays skewed.
+    layer.router.bias.zero_()
+    layer.config.bias_update_rate = 0.0
+    skewed = cv_after(layer, skew, 5)
+    assert skewed > 0.5 and balanced < skewed / 3, (skewed, balanced)
+
+
+def test_kv_cache_decoding_equals_recomputation():
+    torch.manual_seed(0)
+    config = moe.Config(n_layers=3, first_dense_layers=1, n_shared_experts=1, shared_expert_gate=True, qkv_bias=True)
+    model = moe.Model(config).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx)
+        for layer in model.layers:
+            layer.attention.cache = moe.KVCache(2, config.n_kv_heads, config.max_seq_len, config.head_dim, torch.float32, "cpu")
+        steps = [model(idx[:, :12])[0]]
+        steps += [model(idx[:, t : t + 1], pos=t)[0] for t in range(12, 16)]
+        steps.append(model(idx[:, 16:], pos=16)[0])  # a chunk after a cached prefix
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
