@@ -1,0 +1,165 @@
+"""
+Stream text from a model trained by train.py, or from a Hugging Face checkpoint folder.
+
+    python sample.py out/gpt_llama --prompt "The"        # a folder written by train.py
+    python sample.py out/gpt_llama                       # interactive: one prompt per line until EOF
+    python sample.py --hf path/to/Llama-3.2-1B --prompt "The capital of France is" --temperature 0
+
+For --hf, the model file is the one whose HF_ARCHITECTURES lists the architecture in the folder's
+config.json, and the tokenizer is the folder's tokenizer.model in Llama 3's tiktoken format.
+Text appears as it is generated; the number of tokens per second goes to stderr at the end.
+"""
+
+import argparse
+import ast
+import codecs
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import train
+
+
+class CliError(Exception):
+    """Bad input, said in one sentence; main() prints it and returns 2."""
+
+
+def model_for_architecture(architecture):
+    """The model file whose HF_ARCHITECTURES names architecture, read without importing every file."""
+    for name in train.model_choices():
+        for node in ast.parse((train.ROOT / f"{name}.py").read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "HF_ARCHITECTURES" for t in node.targets):
+                if architecture in ast.literal_eval(node.value):
+                    return train.import_model(name)
+    raise CliError(f"no model file loads the architecture {architecture}")
+
+
+def load_trained(folder):
+    """(model, tokenizer, eos_id) from a folder that train.py wrote."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CliError(f"{folder} holds no config.json; pass a folder written by train.py, or --hf for a Hugging Face one")
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+        module = train.import_model(saved["model"])
+        model = module.Model(module.Config(**saved["config"]))
+        load_model(model, folder / "model.safetensors")
+        tokenizer = data.load_tokenizer(folder)
+    except train.CliError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, RuntimeError) as e:
+        raise CliError(f"cannot load the model in {folder} ({type(e).__name__}: {e}); it may be corrupt or incomplete") from None
+    return model, tokenizer, None
+
+
+def load_hf(folder):
+    """(model, tokenizer, eos_id) from a Hugging Face checkpoint folder with a Llama 3 tokenizer.model."""
+    import bpe
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot read {folder / 'config.json'} ({e}); pass a Hugging Face checkpoint folder") from None
+    architectures = config.get("architectures") or ["?"]
+    module = model_for_architecture(architectures[0])
+    if not (folder / "tokenizer.model").is_file():
+        raise CliError(f"{folder} holds no tokenizer.model; sample.py reads Llama 3's tiktoken-format tokenizer")
+    try:
+        model = module.Model.from_pretrained(folder)
+        tokenizer = bpe.Tokenizer.from_llama3(folder / "tokenizer.model")
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise CliError(str(e)) from None
+    eos = config.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    return model, tokenizer, eos if isinstance(eos, int) else None
+
+
+def stream(model, tokenizer, prompt, args, device, eos_id):
+    """Print prompt, then each new piece of text as soon as it decodes; return (tokens, seconds)."""
+    ids = tokenizer.encode_ordinary(prompt)
+    context = model.config.max_seq_len
+    if not ids:
+        raise CliError("the prompt is empty; give at least one character")
+    if len(ids) >= context:
+        raise CliError(f"the prompt is {len(ids)} tokens long but the model's context is {context}; shorten it")
+    n = min(args.max_new_tokens, context - len(ids))
+    if n < args.max_new_tokens:
+        print(f"note: generating {n} tokens, what is left of the {context}-token context", file=sys.stderr)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    count, start = 0, time.time()
+    for token in model.generate_stream(idx, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                       eos_id=eos_id, seed=args.seed):
+        t = int(token[0])
+        if t == eos_id:
+            break
+        count += 1
+        sys.stdout.write(utf8.decode(tokenizer.decode_bytes([t])))
+        sys.stdout.flush()
+    sys.stdout.write(utf8.decode(b"", final=True) + "\n")
+    sys.stdout.flush()
+    return count, time.time() - start
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("folder", nargs="?", help="a folder written by train.py (e.g. out/gpt_llama)")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder instead (config.json, safetensors, tokenizer.model)")
+    p.add_argument("--prompt", default=None, help="text to continue; without it, read one prompt per line from stdin until EOF")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (at most what the context leaves)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 for all")
+    p.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of tokens of this total probability")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    args = p.parse_args(argv)
+    if (args.folder is None) == (args.hf is None):
+        raise CliError("pass either a folder written by train.py or --hf DIR")
+    if args.max_new_tokens < 1:
+        raise CliError("--max-new-tokens must be at least 1")
+    args.top_k = args.top_k or None
+    return args
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        device = train.pick_device(args.device)
+        model, tokenizer, eos_id = load_hf(args.hf) if args.hf else load_trained(args.folder)
+        model.to(device).eval()
+        prompts = [args.prompt] if args.prompt is not None else None
+        if prompts is None and sys.stdin.isatty():
+            print("one prompt per line; Ctrl-D to quit", file=sys.stderr)
+        tokens = seconds = 0
+        for line in prompts or sys.stdin:
+            line = line.rstrip("\n")
+            if prompts is None and not line.strip():
+                continue
+            try:
+                n, s = stream(model, tokenizer, line, args, device, eos_id)
+            except ValueError as e:  # the model refuses the options (e.g. top_p outside (0, 1])
+                raise CliError(str(e)) from None
+            tokens, seconds = tokens + n, seconds + s
+        if tokens:
+            print(f"{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s", file=sys.stderr)
+        return 0
+    except (CliError, train.CliError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""data.py: corpus sources, caches, the deterministic sharded batch stream, and bits per byte."""
+
+import functools
+import http.server
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 40
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMS_FROM_SCRATCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_default_corpus_is_pydoc_topics_in_key_order():
+    from pydoc_data.topics import topics
+
+    text = data.read_text(None)
+    first, last = sorted(topics)[0], sorted(topics)[-1]
+    assert text.startswith(topics[first]) and text.endswith(topics[last])
+    train_text, val_text = data.split_text(text)
+    assert train_text + val_text == text and len(val_text) == len(text) - int(len(text) * 0.9)
+
+
+def test_file_directory_and_glob(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b.txt").write_text("second")
+    (tmp_path / "d" / "a.txt").write_text("first")
+    (tmp_path / "d" / "skip.md").write_text("not text")
+    assert data.read_text(str(tmp_path / "d" / "a.txt")) == "first"
+    assert data.read_text(str(tmp_path / "d")) == "first\n\nsecond"
+    assert data.read_text(str(tmp_path / "d" / "*.txt")) == "first\n\nsecond"
+
+
+def test_url_is_downloaded_once(tmp_path, cache):
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / "corpus.txt").write_text(TEXT)
+    hits = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            hits.append(args)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path / "srv")))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/corpus.txt"
+        assert data.read_text(url) == TEXT
+        assert data.read_text(url) == TEXT
+        assert len(hits) == 1  # the second read came from the cache
+        assert list((cache / "downloads").iterdir())
+        with pytest.raises(data.DataError, match="could not download"):
+            data.read_text(f"http://127.0.0.1:{server.server_port}/missing.txt")
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+
+
+def test_bad_sources(tmp_path, capsys):
+    with pytest.raises(data.DataError, match="no file matches"):
+        data.read_text(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(data.DataError, match="is empty"):
+        data.read_text(str(tmp_path / "empty.txt"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(data.DataError, match="no .txt files"):
+        data.read_text(str(tmp_path / "empty_dir"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ok".encode("latin-1"))
+    assert data.read_text(str(tmp_path / "latin1.txt")) == "caf\ufffd ok"
+    assert "not valid UTF-8" in capsys.readouterr().err
+
+
+def test_tokenizer_and_token_files_are_cached(monkeypatch, cache):
+    import bpe
+
+    tok, key = data.train_tokenizer(TEXT, 270)
+    assert tok.n_vocab == 270
+    monkeypatch.setattr(bpe, "train", lambda *a, **k: pytest.fail("the cached tokenizer was not used"))
+    again, key2 = data.train_tokenizer(TEXT, 270)
+    assert key2 == key and again.encode_ordinary(TEXT) == tok.encode_ordinary(TEXT)
+    tokens = data.token_file(tok, key, TEXT)
+    assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
+    assert tokens.tolist() == tok.encode_ordinary(TEXT)
+    monkeypatch.setattr(tok, "encode_ordinary", lambda text: pytest.fail("the cached token file was not used"))
+    assert data.token_file(tok, key, TEXT).tolist() == tokens.tolist()
+
+
+def test_large_vocabularies_use_uint32(cache):
+    class Big:
+        n_vocab = 100_000
+
+        def encode_ordinary(self, text):
+            return [99_999, 70_000, 1]
+
+    tokens = data.token_file(Big(), "big", "abc")
+    assert tokens.dtype == np.uint32 and tokens.tolist() == [99_999, 70_000, 1]
+
+
+@pytest.fixture
+def token_path(tmp_path):
+    path = tmp_path / "tokens.uint16"
+    np.arange(1000, dtype=np.uint16).tofile(path)
+    return path
+
+
+def take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_windows_are_shifted_targets_and_epochs_cover_every_window(token_path):
+    s = data.WindowStream(token_path, np.uint16, seq_len=10, batch_size=9, seed=3)
+    batches = take(s, s.n_windows // 9 + 1)
+    for b in batches:
+        assert b["idx"].shape == (9, 10) and torch.equal(b["idx"][:, 1:], b["targets"][:, :-1])
+        assert torch.equal(b["targets"] - b["idx"], torch.ones(9, 10, dtype=torch.long))  # tokens are 0..999
+    firsts = torch.cat([b["idx"][:, 0] for b in batches])[: s.n_windows]
+    assert len(set((firsts % 10).tolist())) == 1  # one offset per epoch
+    assert len(set(firsts.tolist())) == s.n_windows  # every window once
+
+
+def test_stream_resumes_at_any_step_and_depends_on_the_seed(token_path):
+    full = take(data.WindowStream(token_path, np.uint16, 16, 4, seed=1, grad_accum=2), 10)
+    resumed = take(data.WindowStream(token_path, np.uint16, 16, 4, seed=1, grad_accum=2, start_step=3), 4)
+    for a, b in zip(full[6:], resumed):
+        assert torch.equal(a["idx"], b["idx"])
+    other = take(data.WindowStream(token_path, np.uint16, 16, 4, seed=2, grad_accum=2), 1)
+    assert not torch.equal(full[0]["idx"], other[0]["idx"])
+
+
+def test_stream_shards_ranks_like_one_bigger_batch(token_path):
+    one = take(data.WindowStream(token_path, np.uint16, 16, 8, seed=5), 3)
+    ranks = [take(data.WindowStream(token_path, np.uint16, 16, 4, seed=5, rank=r, world_size=2), 3) for r in (0, 1)]
+    for step in range(3):
+        assert torch.equal(one[step]["idx"], torch.cat([ranks[0][step]["idx"], ranks[1][step]["idx"]]))
+
+
+def test_dataloader_workers_keep_the_order(token_path):
+    s = data.WindowStream(token_path, np.uint16, 16, 4, seed=7)
+    plain = take(s, 6)
+    loader = torch.utils.data.DataLoader(s, batch_size=None, num_workers=2, prefetch_factor=2)
+    for a, b in zip(plain, take(loader, 6)):
+        assert torch.equal(a["idx"], b["idx"])
+
+
+def test_bits_per_byte_of_a_uniform_model(tmp_path):
+    """A model that predicts every token with probability 1/V scores ln V nats per token."""
+    (tmp_path / "c.txt").write_text(TEXT * 5)
+    pipe = data.CausalLM(str(tmp_path / "c.txt"), vocab_size=280)
+    V = pipe.tokenizer.n_vocab
+
+    class Uniform(torch.nn.Module):
+        def forward(self, idx, targets):
+            logits = torch.zeros(*idx.shape, V)
+            return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    import contextlib
+
+    metrics = pipe.evaluate(Uniform(), seq_len=8, batch_size=3, device="cpu", autocast=contextlib.nullcontext)
+    n = (len(pipe.val_tokens) - 1) // 8
+    targets = np.asarray(pipe.val_tokens[1 : n * 8 + 1])
+    n_bytes = len(pipe.tokenizer.decode_bytes(targets.tolist()))
+    assert metrics["val_loss"] == pytest.approx(math.log(V))
+    assert metrics["val_bpb"] == pytest.approx(math.log(V) * len(targets) / (math.log(2) * n_bytes))
+    assert metrics["val_ppl"] == pytest.approx(V)
