@@ -401,12 +401,69 @@ class Model(nn.Module):
             loss = loss + self.config.z_loss_coef * sum(m.z_loss for m in moes) / len(moes)
         return logits, loss
 
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, seed=None):
+        """Yield max_new_tokens (B,) tensors of new tokens after the equal-length prompts idx (B, T).
+
+        As gpt_llama.py's: temperature 0 is greedy; a row that has produced eos_id keeps yielding it and
+        the stream ends once every row has; seed leaves torch's global random state alone.
+        """
+        c = self.config
+        if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.numel() > 0 and not idx.is_floating_point()):
+            raise ValueError(f"idx must be a (batch, time) tensor of integer token ids, got {getattr(idx, 'shape', type(idx))}")
+        B, T = idx.shape
+        if T + max_new_tokens > c.max_seq_len:
+            raise ValueError(f"a prompt of {T} tokens plus {max_new_tokens} new ones exceeds the context of {c.max_seq_len}; ask for fewer")
+        if idx.min() < 0 or idx.max() >= c.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {c.vocab_size}), got {idx.min()}..{idx.max()}")
+        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+            raise ValueError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+        generator = None if seed is None else torch.Generator(idx.device).manual_seed(seed)
+        w = self.tok_embeddings.weight
+        caches = [KVCache(B, c.n_kv_heads, T + max_new_tokens, c.head_dim, w.dtype, w.device) for _ in self.layers]
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        tokens, pos = idx.long(), 0
+        for _ in range(max_new_tokens):
+            logits = self.decode(tokens, pos, caches)
+            pos += tokens.size(1)
+            tokens = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                tokens = tokens.masked_fill(done, eos_id)
+                done |= tokens == eos_id
+            yield tokens
+            if eos_id is not None and done.all():
+                return
+            tokens = tokens[:, None]
+
+    def decode(self, tokens, pos, caches):
+        """Logits (B, vocab_size) of the token after tokens (B, T) at positions pos..pos+T.
+
+        The caches are attached only for this call, and the model runs in eval mode (no token dropping,
+        no bias updates), so that a half-read stream leaves no state behind.
+        """
+        was_training = self.training
+        for layer, cache in zip(self.layers, caches):
+            layer.attention.cache = cache
+        try:
+            self.eval()
+            return self(tokens, pos=pos)[0][:, -1]
+        finally:
+            for layer in self.layers:
+                layer.attention.cache = None
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """idx (B, T) followed by up to max_new_tokens new tokens: (B, T + n). Takes generate_stream's options."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx.long()] + [t[:, None] for t in new], dim=1)
+
     @classmethod
     def from_pretrained(cls, folder):
         """A Hugging Face MixtralForCausalLM or Qwen2MoeForCausalLM checkpoint folder, in float32."""
         config = config_from_hf(read_hf_config(folder))
         model = cls(config)
-        state = hf_to_state_dict(load_safetensors(folder), config)
+        state = hf_to_state_dict(read_safetensors(Path(folder)), config)
         missing, unexpected = model.load_state_dict(state, strict=False)
         # The checkpoints carry no balancing bias: it stays zero, which is what they were trained with.
         missing = [k for k in missing if not k.endswith("router.bias")]
@@ -459,6 +516,27 @@ class Model(nn.Module):
 def lm_loss(logits, targets, ignore_index=-100):
     """Mean next-token cross-entropy; targets equal to ignore_index (padding) count for nothing."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+
+
+# copied from gpt_llama.py: sample_next
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row of logits (B, vocab_size): the argmax at temperature 0, else a sample from
+    the softmax of logits / temperature, restricted to the top_k most likely tokens and to the
+    nucleus (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751): the fewest most likely tokens
+    whose probabilities add up to at least top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the more likely ones before it already reach top_p; the best always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def read_hf_config(folder):
@@ -514,13 +592,11 @@ def config_from_hf(hf):
     )
 
 
-def load_safetensors(folder):
-    """All tensors of model.safetensors, or of the shards a model.safetensors.index.json lists."""
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise ImportError("loading Hugging Face weights needs safetensors: pip install safetensors") from None
-    folder = Path(folder)
+# copied from gpt_llama.py: read_safetensors
+def read_safetensors(folder):
+    """All tensors of model.safetensors, or of the shards that model.safetensors.index.json lists."""
+    from safetensors.torch import load_file
+
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -531,7 +607,7 @@ def load_safetensors(folder):
     tensors = {}
     for name in files:
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} is listed in the index but missing; download it again")
+            raise FileNotFoundError(f"{folder} lacks {name}, a shard its model.safetensors.index.json lists")
         tensors.update(load_file(folder / name))
     return tensors
 
@@ -593,7 +669,36 @@ def hf_to_state_dict(hf_state, config):
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
-    model = Model(Config())
-    x = torch.randint(0, 512, (2, 16))
-    print(model(x, x)[1])
+    # A toy language: arithmetic progressions mod 64 with four strides. The same tiny MoE learns it
+    # twice, without any balancing and with the balancing loss plus DeepSeek-V3's bias updates, and
+    # shows how the second MoE layer spread its tokens over the 8 experts in the last 20 steps.
+    import time
+
+    def batch(n=16, length=25, vocab=64):
+        start, stride = torch.randint(vocab, (n, 1)), torch.tensor([1, 3, 7, 11])[torch.randint(4, (n, 1))]
+        seq = (start + stride * torch.arange(length)) % vocab
+        return seq[:, :-1], seq[:, 1:]
+
+    torch.set_num_threads(1)  # tiny matrices: more threads only add overhead
+    for name, balancing in [("no balancing", dict(aux_loss_coef=0.0, z_loss_coef=0.0)),
+                            ("aux loss + bias", dict(aux_loss_coef=0.01, bias_update_rate=0.01))]:
+        torch.manual_seed(0)
+        config = Config(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                        n_experts=8, top_k=2, expert_dim=32, **balancing)
+        model = Model(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        start, load = time.perf_counter(), torch.zeros(config.n_experts)
+        for step in range(150):
+            x, y = batch()
+            _, loss = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step >= 130:
+                load += model.moe_layers()[-1].load
+        load /= load.sum()
+        print(f"{name:15s} loss {loss.item():.3f} after 150 steps ({time.perf_counter() - start:.1f} s); expert load "
+              f"[{' '.join(f'{v:.0%}' for v in load.tolist())}], cv {(load.std(unbiased=False) / load.mean()).item():.2f}")
+    print(f"{model.num_params():,} parameters, {model.num_params(active=True):,} active per token")
+    prompt = torch.tensor([[5, 12, 19]])  # stride 7
+    print("greedy continuation of 5 12 19:", model.generate(prompt, 8, temperature=0)[0, 3:].tolist())

@@ -195,3 +195,17 @@ def test_kv_cache_decoding_equals_recomputation():
         steps += [model(idx[:, t : t + 1], pos=t)[0] for t in range(12, 16)]
         steps.append(model(idx[:, 16:], pos=16)[0])  # a chunk after a cached prefix
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_equals_uncached_argmax():
+    torch.manual_seed(0)
+    model = moe.Model(moe.Config(n_shared_experts=2, score_func="sigmoid", bias_update_rate=0.01)).train()
+    prompt = torch.randint(0, 512, (2, 5))
+    cached = model.generate(prompt, 10, temperature=0)
+    assert model.training and all(layer.attention.cache is None for layer in model.layers)
+    model.eval()
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, seq)
