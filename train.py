@@ -181,6 +181,8 @@ def parse_args(argv):
     args.overrides = overrides
     if args.time_budget is None:
         args.time_budget = 0 if args.max_steps is not None else r["time_budget"]
+    if not args.time_budget and args.max_steps is None:
+        raise CliError("with --time-budget 0, give --max-steps, or the run would never end")
     for flag in ("batch_size", "grad_accum"):
         if getattr(args, flag) < 1:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -485,7 +487,7 @@ def train(args):
     signal.signal(signal.SIGTERM, on_signal)
 
     budget = args.time_budget
-    reserve = 8.0 + (3.0 if args.sample_tokens else 0.0)  # final save, plot, sample and a margin
+    reserve = 5.0 + (3.0 if args.sample_tokens else 0.0)  # final save, plot, sample and a margin
     eval_seconds, n_evals = 0.0, 0
     progress = Progress(args.log_every, main_rank)
     run_start_step, run_start_time = step, time.time()
@@ -498,14 +500,18 @@ def train(args):
         return min(args.eval_tokens or 10**9, len(getattr(pipe, "val_tokens", ()))) * train_seconds_per_step / tokens_per_step / 3
 
     model.train()
-    while total_steps is None or step < total_steps:
+    first_step_time = None  # the first step pays for warming up allocators and caches; time from after it
+    while True:
         done = step - run_start_step
-        per_step = (time.time() - run_start_time - eval_seconds) / max(1, done)
-        if budget and args.max_steps is None and done >= 5 and done % 25 == 5:
-            # The schedule's length from the time left, counting the evaluations still to come.
+        per_step = (time.time() - first_step_time - eval_seconds) / (done - 1) if done > 1 else 0.0
+        if budget and args.max_steps is None and done >= 6 and (done % 10 == 6 or step >= (total_steps or 0)):
+            # The schedule's length from the time left, counting the evaluations still to come;
+            # refreshed every 10 steps, and at the planned end in case the machine sped up.
             per_step_all = per_step + (eval_estimate(per_step) / args.eval_every if args.eval_every else 0.0)
             left = budget - elapsed() - reserve - eval_estimate(per_step)
-            total_steps = max(step + 1, step + int(left / per_step_all))
+            total_steps = step + max(0, int(left / per_step_all))
+        if total_steps is not None and step >= total_steps:
+            break
         lr = lr_at(step, args, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -538,6 +544,8 @@ def train(args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if first_step_time is None:
+            first_step_time = time.time()
 
         if step % args.log_every == 0 or progress.tty or step == total_steps:
             now = time.time()

@@ -1,0 +1,98 @@
+"""sample.py: streaming from a trained folder, interactive prompts, Hugging Face Llama folders, bad input."""
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    from pydoc_data.topics import topics
+
+    (root / "corpus.txt").write_text("\n\n".join(topics[k] for k in sorted(topics))[:20000])
+    old = os.environ.get("LLMS_FROM_SCRATCH_CACHE")
+    os.environ["LLMS_FROM_SCRATCH_CACHE"] = str(root / "cache")
+    argv = ["--data", str(root / "corpus.txt"), "--out", str(root / "out"), "--vocab-size", "300", "--set", "dim=32",
+            "--set", "n_layers=1", "--set", "n_heads=2", "--set", "n_kv_heads=1", "--set", "ffn_dim=64",
+            "--set", "max_seq_len=32", "--batch-size", "4", "--max-steps", "3", "--sample-tokens", "0", "--no-plot"]
+    assert train.main(argv) == 0
+    yield root / "out"
+    if old is None:
+        del os.environ["LLMS_FROM_SCRATCH_CACHE"]
+    else:
+        os.environ["LLMS_FROM_SCRATCH_CACHE"] = old
+
+
+def test_prompt_is_continued_with_the_models_own_samples(trained, capsys):
+    assert sample.main([str(trained), "--prompt", "The", "--max-new-tokens", "12", "--seed", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "tokens/s" in err
+    model, tokenizer, _ = sample.load_trained(trained)
+    ids = tokenizer.encode_ordinary("The")
+    expected = model.generate(torch.tensor([ids]), 12, temperature=0.8, top_k=50, seed=1)[0].tolist()
+    assert out == tokenizer.decode(expected) + "\n"
+    assert sample.main([str(trained), "--prompt", "The", "--max-new-tokens", "12", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == out
+
+
+def test_interactive_reads_prompts_until_eof(trained, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The\n\nA \n"))
+    assert sample.main([str(trained), "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len([line for line in lines if line.startswith("The")]) == 1
+    assert len([line for line in lines if line.startswith("A ")]) == 1
+
+
+def test_bad_input(trained, capsys, tmp_path):
+    assert sample.main([str(tmp_path / "nothing")]) == 2
+    assert "holds no config.json" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 10)
+    assert sample.main([str(broken), "--prompt", "The"]) == 2
+    assert "cannot load the model" in capsys.readouterr().err
+    # Through the command line: exit code 2 and one sentence, no traceback.
+    run = subprocess.run([sys.executable, "sample.py", str(trained), "--prompt", "word " * 100], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the prompt is") and "context is 32" in lines[0]
+
+
+def test_hugging_face_llama_folder_matches_transformers(tmp_path, capsys):
+    import bpe
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = bpe.train("The cat sat on the mat. The dog ate the cat's food. " * 20, 300)
+    tokenizer.save(tmp_path / "tok")
+    hf = tmp_path / "hf"
+    n_ranks = tokenizer.n_vocab
+    n_vocab = n_ranks + 256  # bpe.Tokenizer.from_llama3 adds Llama 3's 256 special tokens
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=n_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=n_ranks, eos_token_id=n_ranks + 1, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(hf)
+    shutil.copy(tmp_path / "tok" / "tokenizer.tiktoken", hf / "tokenizer.model")
+
+    assert sample.main(["--hf", str(hf), "--prompt", "The cat", "--max-new-tokens", "10", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    llama3 = bpe.Tokenizer.from_llama3(hf / "tokenizer.model")
+    ids = llama3.encode_ordinary("The cat")
+    with torch.no_grad():
+        reference = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0].tolist()
+    reference = [t for t in reference if t != n_ranks + 1]
+    assert out == llama3.decode(reference) + "\n"
