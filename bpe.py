@@ -14,6 +14,11 @@ adjacent pair is in the vocabulary. With the same ranks and split pattern this g
 tiktoken's ids; `train` produces ranks in that format, and `Tokenizer.save` writes tiktoken's rank
 file, so a trained tokenizer can be handed to `tiktoken.Encoding` unchanged.
 
+One known difference: the split uses the Unicode tables of the `regex` module, tiktoken those of
+Rust's regex crate. A character assigned in a newer Unicode version than the other library knows
+(e.g. U+18D09, Tangut, Unicode 17) can be a letter to one and unassigned to the other, and then the
+two split it differently. Every character assigned in both versions splits the same.
+
 Training (`train`) is the textbook loop, made fast the usual way:
   1. split the corpus into chunks and count identical chunks once (a corpus has far fewer distinct
      chunks than chunks);
@@ -35,7 +40,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 
 import regex
 
@@ -152,6 +157,22 @@ def _bpe_merge_long(piece: bytes, ranks: dict) -> list:
     return ids
 
 
+class _ChunkCache(dict):
+    """chunk (str) -> its token ids; a chunk seen for the first time is encoded on the spot."""
+
+    def __init__(self, ranks: dict):
+        self.ranks = ranks
+
+    def __missing__(self, chunk: str) -> list:
+        piece = chunk.encode("utf-8")
+        rank = self.ranks.get(piece)  # most chunks of real text are one token
+        try:
+            ids = self[chunk] = [rank] if rank is not None else bpe_merge(piece, self.ranks)
+        except KeyError as e:
+            raise ValueError(f"byte string {e.args[0]!r} has no rank; mergeable_ranks must hold all 256 single bytes") from None
+        return ids
+
+
 # -----------------------------------------------------------------------------
 # The tokenizer
 
@@ -161,9 +182,10 @@ class Tokenizer:
 
     def __init__(self, mergeable_ranks: dict, pattern: str, special_tokens: dict | None = None):
         special_tokens = dict(special_tokens or {})
-        if len(set(mergeable_ranks.values())) != len(mergeable_ranks):
+        ids = set(mergeable_ranks.values())
+        if len(ids) != len(mergeable_ranks):
             raise ValueError("mergeable_ranks gives the same rank to two tokens; every rank must be unique")
-        clash = [t for t, i in special_tokens.items() if i in set(mergeable_ranks.values())]
+        clash = [t for t, i in special_tokens.items() if i in ids]
         if clash:
             raise ValueError(f"special token {clash[0]!r} reuses an id of mergeable_ranks; give it a free id")
         self.mergeable_ranks = mergeable_ranks
@@ -172,16 +194,18 @@ class Tokenizer:
         self._split = regex.compile(_FASTER_EQUIVALENT.get(pattern, pattern)).findall
         self._decoder = {i: t for t, i in mergeable_ranks.items()}
         self._decoder.update((i, t.encode("utf-8")) for t, i in special_tokens.items())
-        self._special_split = {}  # frozenset of allowed specials -> compiled regex
-        # chunk -> ids. Real text repeats chunks so often that after the first few kilobytes almost
-        # every chunk is a cache hit; it is cleared when it grows past _CACHE_SIZE.
-        self._cache = {}
+        self._n_vocab = max(self._decoder, default=-1) + 1
+        self._special_regexes = {}  # frozenset of special tokens -> regex that finds them
+        # Real text repeats chunks so often that after the first few kilobytes almost every chunk is
+        # a cache hit; the cache is cleared when it grows past _CACHE_SIZE.
+        self._cache = _ChunkCache(mergeable_ranks)
 
     _CACHE_SIZE = 1 << 20
 
     @property
     def n_vocab(self) -> int:
-        return max(self._decoder, default=-1) + 1
+        """The largest id plus one, special tokens included."""
+        return self._n_vocab
 
     def __repr__(self):
         return f"<Tokenizer {len(self.mergeable_ranks)} ranks, {len(self.special_tokens)} special tokens>"
@@ -199,52 +223,42 @@ class Tokenizer:
             return self._encode_chunks(self._split(text))
 
     def _encode_chunks(self, chunks: list) -> list:
-        cache = self._cache
-        if len(cache) > self._CACHE_SIZE:
-            cache.clear()
-        ranks = self.mergeable_ranks
-        for chunk in set(chunks).difference(cache):
-            b = chunk.encode("utf-8")
-            rank = ranks.get(b)  # most chunks of real text are one token
-            try:
-                cache[chunk] = [rank] if rank is not None else bpe_merge(b, ranks)
-            except KeyError as e:
-                raise ValueError(f"byte string {e.args[0]!r} has no rank: mergeable_ranks must contain all 256 single bytes") from None
+        if len(self._cache) > self._CACHE_SIZE:
+            self._cache.clear()
         ids = []
-        for chunk in chunks:
-            ids += cache[chunk]
+        # The loop's work happens in C: a cache hit is a dict lookup, and `extend` copies the ids.
+        deque(map(ids.extend, map(self._cache.__getitem__, chunks)), maxlen=0)
         return ids
 
     def encode(self, text: str, allowed_special=frozenset(), disallowed_special="all") -> list:
         """Ids of `text`. As in tiktoken, special tokens are encoded only if allowed, and text that
         contains a disallowed one (by default every special token not allowed) raises ValueError."""
         if allowed_special == "all":
-            allowed_special = set(self.special_tokens)
-        unknown = set(allowed_special) - set(self.special_tokens)
-        if unknown:
-            raise ValueError(f"allowed_special names {sorted(unknown)}, which are not special tokens of this tokenizer")
+            allowed_special = self.special_tokens.keys()
+        allowed_special = frozenset(self.special_tokens.keys() & set(allowed_special))  # unknown names are ignored, as in tiktoken
         if disallowed_special == "all":
-            disallowed_special = set(self.special_tokens) - set(allowed_special)
-        for token in disallowed_special:
-            if token in text:
-                raise ValueError(
-                    f"text contains the special token {token!r}; pass allowed_special={{{token!r}}} to encode it as "
-                    f"a special token, or disallowed_special=() to encode it as ordinary text"
-                )
+            disallowed_special = self.special_tokens.keys() - allowed_special
+        if disallowed_special and (m := self._specials_regex(frozenset(disallowed_special)).search(text)):
+            raise ValueError(
+                f"text contains the special token {m.group()!r}; pass allowed_special={{{m.group()!r}}} to encode "
+                f"it as a special token, or disallowed_special=() to encode it as ordinary text"
+            )
         if not allowed_special:
             return self.encode_ordinary(text)
-        key = frozenset(allowed_special)
-        if key not in self._special_split:
-            # Longest first, so that of two specials starting at the same place the longer one wins.
-            alternatives = sorted(key, key=len, reverse=True)
-            self._special_split[key] = regex.compile("|".join(map(regex.escape, alternatives)))
         ids, start = [], 0
-        for m in self._special_split[key].finditer(text):
+        for m in self._specials_regex(allowed_special).finditer(text):
             ids += self.encode_ordinary(text[start : m.start()])
             ids.append(self.special_tokens[m.group()])
             start = m.end()
         ids += self.encode_ordinary(text[start:])
         return ids
+
+    def _specials_regex(self, specials: frozenset):
+        if specials not in self._special_regexes:
+            # Longest first, so that of two specials starting at the same place the longer one wins.
+            alternatives = sorted(specials, key=len, reverse=True)
+            self._special_regexes[specials] = regex.compile("|".join(map(regex.escape, alternatives)))
+        return self._special_regexes[specials]
 
     # ---- decoding
 
@@ -392,8 +406,9 @@ def train(texts, vocab_size: int, pattern: str = CL100K_PATTERN, special_tokens=
         print(f"bpe: {len(words)} distinct chunks, {len(counts)} pairs ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
 
     while len(vocab) < vocab_size and heap:
-        # 5. Lazy invalidation: counts of old pairs only fall, so a popped entry whose count is out of
-        # date is pushed back with its true count; the first up-to-date entry is the true maximum.
+        # 5. Lazy invalidation. Every pair has an entry whose count is at least its true count: a
+        # count that grows gets a fresh entry, one that shrinks leaves its old entry too high. So the
+        # first popped entry that is up to date is the true maximum; an outdated one goes back in.
         neg, _, _, pair = heapq.heappop(heap)
         count = counts.get(pair, 0)
         if count != -neg:
@@ -483,7 +498,7 @@ if __name__ == "__main__":
     sample = "Hello wörld! 你好 🙂 <|endoftext|>  def f(x):\r\n    return x ** 2"
     sample_ids = tok.encode(sample, allowed_special="all")
     assert tok.decode(sample_ids) == sample and tok.decode(ids) == text
-    print("round trip ok:", [tok.decode([i]) for i in sample_ids][:16])
+    print(f"round trip ok: {sample!r} ->", [tok.decode_bytes([i]) for i in sample_ids])
     try:
         import tiktoken
     except ImportError:

@@ -81,9 +81,12 @@ def trained():
     return tok, reference
 
 
-# Text that mixes scripts, whitespace and contractions, and plain arbitrary Unicode.
+# Text that mixes scripts, whitespace and contractions, and arbitrary characters. Only characters
+# assigned in Python's Unicode tables: `regex` and tiktoken's Rust regex classify characters that a
+# newer Unicode version added differently (see bpe.py's docstring).
+assigned = st.characters(exclude_categories=("Cs", "Cn"))
 SNIPPETS = ["'s", "'LL", " ", "  ", "\n", "\r\n", "\t", "123", "4567", "abc", "ABC", " the", "é", "\u0301", "日本", "ب", "👍", "\u200d", "!!", "...", "/", "\u00a0"]
-mixed_text = st.lists(st.sampled_from(SNIPPETS) | st.text(max_size=8), max_size=30).map("".join)
+mixed_text = st.lists(st.sampled_from(SNIPPETS) | st.text(assigned, max_size=8), max_size=30).map("".join)
 fast = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -209,7 +212,8 @@ def test_trained_tokenizer_on_its_corpus(trained):
 @given(text=st.text(max_size=60))
 def test_round_trip(trained, cl100k, text):
     for tok in (trained[0], cl100k[0]):
-        assert tok.decode(tok.encode(text)) == text
+        assert tok.decode(tok.encode(text, disallowed_special=())) == text
+        assert tok.decode(tok.encode(text, allowed_special="all")) == text
 
 
 def test_decode_replaces_invalid_utf8_and_rejects_unknown_ids(trained):
