@@ -166,7 +166,8 @@ def parse_args(argv):
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines when stdout is not a terminal")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (batches are cheap to cut; 0 builds them in the loop)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of torch; 0: torch's default, or 1 when the load average shows the cores busy with other jobs (threads that wait on each other then slow a step down many times)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes that prefetch batches (default: 2 on CUDA; 0 on CPU, where cutting a batch costs microseconds and a worker would take a core)")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one device for MFU (default: known CUDA GPUs only)")
     p.add_argument("--sample-tokens", type=int, default=200, help="tokens of the sample printed at the end, 0 for none")
     p.add_argument("--no-plot", action="store_true", help="skip loss.png")
@@ -362,6 +363,11 @@ def train(args):
 
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = pick_device(args.device)
+    threads = args.threads
+    if not threads and device.type == "cpu" and not ddp and os.getloadavg()[0] >= (os.cpu_count() or 1):
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
     if ddp:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":
@@ -373,7 +379,17 @@ def train(args):
     log = print if main_rank else (lambda *a, **k: None)
 
     # Everything that can be wrong with the input is checked before anything is written.
+    wandb = None
+    if args.wandb and main_rank:
+        try:
+            import wandb
+        except ImportError:
+            raise CliError("--wandb needs the wandb package; install it with pip install wandb") from None
+    if ddp and not main_rank:
+        dist.barrier()  # rank 0 trains and caches the tokenizer and token files first
     pipe = data.pipeline(task, source=args.data, vocab_size=args.vocab_size)
+    if ddp and main_rank:
+        dist.barrier()
     config = build_config(module, {**args.overrides, **pipe.model_config()})
     torch.manual_seed(args.seed)
     try:
@@ -395,12 +411,6 @@ def train(args):
             probe.unlink()
         except OSError as e:
             raise CliError(f"cannot write to the output folder {out} ({e.strerror or e}); pick another --out") from None
-    wandb = None
-    if args.wandb and main_rank:
-        try:
-            import wandb
-        except ImportError:
-            raise CliError("--wandb needs the wandb package; install it with pip install wandb") from None
 
     model.to(device)
     optimizer = make_optimizer(model, args, device)
@@ -437,9 +447,10 @@ def train(args):
     stream = pipe.stream(
         seq_len, args.batch_size, seed=args.seed, start_step=step, rank=rank, world_size=world, grad_accum=args.grad_accum
     )
+    workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=args.workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if args.workers else None, persistent_workers=False,
+        stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
     )
     batches = iter(loader)
 
@@ -449,7 +460,8 @@ def train(args):
     peak = peak_flops(device, args.peak_flops)
     n_params = raw_model.num_params() if hasattr(raw_model, "num_params") else sum(p.numel() for p in raw_model.parameters())
     log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {pipe.describe()}, context {seq_len}, "
-        f"{tokens_per_step:,} tokens per step on {world} x {device.type}")
+        f"{tokens_per_step:,} tokens per step on {world} x {device.type}"
+        + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
     if wandb is not None:
         wandb.init(project=args.wandb, config={**vars(args), "config": dataclasses.asdict(config)})
 
@@ -525,7 +537,8 @@ def train(args):
             loss_sum += loss.detach().float()
         # One small all-reduce per step carries the loss, a non-finite flag and a stop request, so that
         # every rank takes the same decision.
-        over_time = bool(budget) and elapsed() > budget - reserve - eval_estimate(per_step)
+        # Stop when one more step would run into the time kept for the final evaluation and saving.
+        over_time = bool(budget) and elapsed() + per_step > budget - reserve - eval_estimate(per_step)
         flags = torch.tensor(
             [loss_sum.item() / args.grad_accum, float(not math.isfinite(loss_sum.item())), float(stop["signal"] is not None or over_time)],
             dtype=torch.float64, device=device,
@@ -558,6 +571,9 @@ def train(args):
             extra = raw_model.metrics() if hasattr(raw_model, "metrics") else {}
             text = (f"step {step}/{total_steps or '?'} | loss {last_loss:.4f} | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | "
                     f"MFU {f'{100 * mfu:.1f}%' if mfu is not None else '-'} | ETA {format_seconds(eta)}")
+            # Summary metrics go on the line; indexed ones (per layer, per expert: names with digits)
+            # only to metrics.jsonl and W&B.
+            text += "".join(f" | {k} {v:.3g}" for k, v in extra.items() if not any(c.isdigit() for c in k))
             progress.update(step, text)
             if step % args.log_every == 0:
                 record({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
@@ -598,6 +614,7 @@ def train(args):
 
 def main(argv=None):
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         return train(args)
@@ -610,6 +627,7 @@ def main(argv=None):
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        torch.set_num_threads(threads)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
     os.environ["LLMS_FROM_SCRATCH_CACHE"] = str(root / "cache")
     argv = ["--data", str(root / "corpus.txt"), "--out", str(root / "out"), "--vocab-size", "300", "--set", "dim=32",
             "--set", "n_layers=1", "--set", "n_heads=2", "--set", "n_kv_heads=1", "--set", "ffn_dim=64",
-            "--set", "max_seq_len=32", "--batch-size", "4", "--max-steps", "3", "--sample-tokens", "0", "--no-plot"]
+            "--set", "max_seq_len=32", "--batch-size", "4", "--max-steps", "3", "--sample-tokens", "0", "--no-plot", "--threads", "1"]
     assert train.main(argv) == 0
     yield root / "out"
     if old is None:
