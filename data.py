@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 
@@ -267,7 +268,7 @@ class CausalLM:
 
     @torch.no_grad()
     def evaluate(self, model, seq_len, batch_size, device, autocast, max_tokens=None):
-        """Mean validation loss (nats per token), perplexity and bits per byte, over whole windows.
+        """Mean validation cross-entropy (nats per token), perplexity and bits per byte, over whole windows.
 
         Under DDP each rank takes every world_size-th window and the sums are all-reduced.
         """
@@ -289,8 +290,10 @@ class CausalLM:
             w = torch.from_numpy(self.val_tokens[mine[i : i + batch_size, None] * seq_len + span].astype(np.int64))
             x, y = w[:, :-1].to(device), w[:, 1:].to(device)
             with autocast():
-                _, loss = model(x, y)
-            sums += torch.tensor([loss.item() * y.numel(), y.numel(), self.token_bytes[y.cpu()].sum().item()], dtype=torch.float64)
+                logits, _ = model(x, y)
+            # Cross-entropy from the logits: the model's loss may add auxiliary terms (MoE balancing).
+            nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            sums += torch.tensor([nats, y.numel(), self.token_bytes[y.cpu()].sum().item()], dtype=torch.float64)
         model.train(was_training)
         if dist.is_initialized():
             sums = sums.to(device)

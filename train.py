@@ -461,7 +461,7 @@ def train(args):
     n_params = raw_model.num_params() if hasattr(raw_model, "num_params") else sum(p.numel() for p in raw_model.parameters())
     log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {pipe.describe()}, context {seq_len}, "
         f"{tokens_per_step:,} tokens per step on {world} x {device.type}"
-        + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
+        + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else ""))
     if wandb is not None:
         wandb.init(project=args.wandb, config={**vars(args), "config": dataclasses.asdict(config)})
 
