@@ -37,6 +37,7 @@ import base64
 import heapq
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -90,6 +91,57 @@ _FASTER_EQUIVALENT = {
     GPT2_PATTERN: r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+$|\s+(?!\S)|\s""",
     CL100K_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+$|\s*[\r\n]|\s+(?!\S)|\s""",
 }
+
+# On text without a non-ASCII character \p{L} is [a-zA-Z], \p{N} is [0-9], the other letter and
+# mark classes are empty, and `re.ASCII`'s \s is exactly the ASCII part of Unicode's White_Space. So
+# these translations split ASCII text exactly as the originals do, and the standard library's `re`
+# runs them about twice as fast as `regex` runs the originals.
+_ASCII_EQUIVALENT = {
+    GPT2_PATTERN: r"""'(?:[sdmt]|ll|ve|re)| ?[a-zA-Z]+| ?[0-9]+| ?[^\sa-zA-Z0-9]+|\s+$|\s+(?!\S)|\s""",
+    CL100K_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\na-zA-Z0-9]?[a-zA-Z]+|[0-9]{1,3}| ?[^\sa-zA-Z0-9]+[\r\n]*|\s+$|\s*[\r\n]|\s+(?!\S)|\s""",
+    O200K_PATTERN: r"""[^\r\na-zA-Z0-9]?[A-Z]*[a-z]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\na-zA-Z0-9]?[A-Z]+[a-z]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[0-9]{1,3}| ?[^\sa-zA-Z0-9]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    LLAMA3_PATTERN: r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\na-zA-Z0-9]?[a-zA-Z]+|[0-9]{1,3}| ?[^\sa-zA-Z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+}
+_LONG_ASCII = re.compile(r"[\x00-\x7f]{256,}")
+_CUT = re.compile(r"(?<=\S) ")
+
+
+def splitter(pattern: str):
+    """A function text -> chunks, equal to `regex.compile(pattern).findall` but faster.
+
+    Mostly-ASCII text is cut into long ASCII stretches, split by `re` with the ASCII translation, and
+    the rest, split by `regex`. The cuts go before a space that follows a non-space: in all four
+    known patterns no chunk runs from a non-space into a following space (a chunk takes a space only
+    as its first character or within a run of whitespace), and whether a chunk matches depends on
+    nothing to its left, nor (lookaheads and `$` being reached only inside runs of whitespace) on
+    anything right of such a cut. So splitting the pieces separately gives the same chunks.
+    """
+    slow = regex.compile(_FASTER_EQUIVALENT.get(pattern, pattern)).findall
+    if pattern not in _ASCII_EQUIVALENT:
+        return slow
+    fast = re.compile(_ASCII_EQUIVALENT[pattern], re.ASCII).findall
+
+    def split(text: str) -> list:
+        if text.isascii():
+            return fast(text)
+        chunks, done = [], 0
+        for run in _LONG_ASCII.finditer(text):
+            cut = _CUT.search(text, run.start(), run.end())
+            start = 0 if run.start() == 0 else cut.start() if cut else run.end()
+            end = run.end()
+            if end < len(text):  # back off to the last cut inside the run
+                end = text.rfind(" ", start + 1, end)
+                while end > start and text[end - 1].isspace():
+                    end = text.rfind(" ", start + 1, end)
+            if end > start:
+                chunks += slow(text[done:start])
+                chunks += fast(text[start:end])
+                done = end
+        chunks += slow(text[done:])
+        return chunks
+
+    return split
+
 
 _NO_RANK = 1 << 62  # larger than any rank: "this pair cannot merge"
 _LONG_CHUNK = 64  # bytes; longer chunks are merged with a heap instead of linear scans
@@ -191,7 +243,7 @@ class Tokenizer:
         self.mergeable_ranks = mergeable_ranks
         self.pattern = pattern
         self.special_tokens = special_tokens
-        self._split = regex.compile(_FASTER_EQUIVALENT.get(pattern, pattern)).findall
+        self._split = splitter(pattern)
         self._decoder = {i: t for t, i in mergeable_ranks.items()}
         self._decoder.update((i, t.encode("utf-8")) for t, i in special_tokens.items())
         self._n_vocab = max(self._decoder, default=-1) + 1
@@ -374,7 +426,7 @@ def train(texts, vocab_size: int, pattern: str = CL100K_PATTERN, special_tokens=
     texts = [texts] if isinstance(texts, str) else texts
     specials = list(special_tokens or [])
     cut = regex.compile("|".join(map(regex.escape, sorted(specials, key=len, reverse=True)))) if specials else None
-    split = regex.compile(_FASTER_EQUIVALENT.get(pattern, pattern)).findall
+    split = splitter(pattern)
     t0 = time.perf_counter()
 
     # 1. Distinct chunks and how often each occurs.

@@ -4,6 +4,8 @@ we train, and a trainer that makes exactly the merges of a naive one written her
 import base64
 import gzip
 import os
+import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 import regex
 
 tiktoken = pytest.importorskip("tiktoken")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
 
 import bpe  # noqa: E402
 
@@ -154,6 +156,55 @@ def gpt2_split(cl100k):
 def test_gpt2_pattern_splits_like_tiktoken(gpt2_split, text):
     ours, reference = gpt2_split
     assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+
+
+@pytest.fixture(scope="module")
+def llama3_split(cl100k):
+    """Llama 3's pattern with cl100k's ranks, to test the split."""
+    ranks = cl100k[0].mergeable_ranks
+    return bpe.Tokenizer(ranks, bpe.LLAMA3_PATTERN), tiktoken.Encoding("llama3-split", pat_str=bpe.LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+
+
+@pytest.fixture
+def short_ascii_runs(monkeypatch):
+    """Make every ASCII stretch of 2+ characters take the `re` path, so that short texts test the cuts."""
+    monkeypatch.setattr(bpe, "_LONG_ASCII", re.compile(r"[\x00-\x7f]{2,}"))
+
+
+@fast
+@given(text=mixed_text)
+@example(text="a\u3000  b  c\u3000 \n x")
+def test_ascii_fast_path_cuts_like_tiktoken(cl100k, o200k, gpt2_split, llama3_split, short_ascii_runs, text):
+    for ours, reference in (cl100k, o200k, gpt2_split, llama3_split):
+        assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+
+
+PATTERNS = [bpe.GPT2_PATTERN, bpe.CL100K_PATTERN, bpe.O200K_PATTERN, bpe.LLAMA3_PATTERN]
+
+
+@fast
+@given(text=mixed_text)
+def test_fast_split_equals_the_original_pattern(short_ascii_runs, text):
+    """Ids can hide a wrong split (BPE may not merge across it), so compare the chunks themselves
+    with what `regex` makes of tiktoken's own pattern string."""
+    for pattern in PATTERNS:
+        assert bpe.splitter(pattern)(text) == regex.findall(pattern, text)
+
+
+def mostly_ascii_text():
+    rng = random.Random(0)
+    words = pydoc_text(60_000).split(" ")
+    for i in rng.sample(range(len(words)), 300):
+        words[i] = rng.choice(["日本語", "é", "\u3000", "\u3000 ", "\u00a0x", "🙂\n", "\x1c", "Ω'S", "ß  "]) + words[i]
+    return " ".join(words)
+
+
+def test_mostly_ascii_long_text_equals_tiktoken(cl100k, o200k, gpt2_split, llama3_split):
+    text = mostly_ascii_text()
+    for pattern in PATTERNS:
+        assert bpe.splitter(pattern)(text) == regex.findall(pattern, text)
+    for ours, reference in (cl100k, o200k, gpt2_split, llama3_split):
+        assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
 
 
 def test_long_chunks_equal_tiktoken(cl100k):
