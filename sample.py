@@ -112,7 +112,10 @@ def stream(model, tokenizer, prompt, args, device, eos_id):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    class Help(train.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=Help)
     p.add_argument("folder", nargs="?", help="a folder written by train.py (e.g. out/gpt_llama)")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder instead (config.json, safetensors, tokenizer.model)")
     p.add_argument("--prompt", default=None, help="text to continue; without it, read one prompt per line from stdin until EOF")

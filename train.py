@@ -127,6 +127,15 @@ def build_config(module, overrides):
 # ------------------------------------------------------------------------------------------ flags
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each default once: where the help text does not already say it, and not for None or off."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 def parse_args(argv):
     pre = argparse.ArgumentParser(add_help=False)
     choices = model_choices()
@@ -140,7 +149,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         description="Train a model file of this project. Defaults come from the model's TRAIN_RECIPE "
         "(shown for --model %s); rerunning a command resumes from its --out folder." % name,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default=name, help=f"model file, one of: {', '.join(choices)}")
     p.add_argument("--data", default=None, help="text file, folder of .txt files, glob or http(s) URL (default: the stdlib's pydoc_data.topics)")
@@ -184,8 +193,8 @@ def parse_args(argv):
         args.time_budget = 0 if args.max_steps is not None else r["time_budget"]
     if not args.time_budget and args.max_steps is None:
         raise CliError("with --time-budget 0, give --max-steps, or the run would never end")
-    for flag in ("batch_size", "grad_accum"):
-        if getattr(args, flag) < 1:
+    for flag in ("batch_size", "grad_accum", "max_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1")
     return args
 
@@ -433,8 +442,6 @@ def train(args):
         else:
             trim_metrics(out / "metrics.jsonl", step)
         pipe.save(out)
-    if step == 0 and args.max_steps is not None and args.max_steps <= 0:
-        raise CliError("--max-steps must be at least 1")
 
     raw_model = model
     if args.compile:
