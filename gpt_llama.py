@@ -17,10 +17,17 @@ Shapes, with B = batch, T = sequence length, C = dim, H = n_heads, K = n_kv_head
     k, v            (B, K, T, D)    keys and values; each serves H // K query heads
     cos, sin        (T, D)          rotary tables for the positions in use
     logits          (B, T, vocab_size)
+
+Around the model: the loss, decoding with a preallocated KV cache and top-k / top-p sampling, and
+loading of Hugging Face LlamaForCausalLM checkpoints. `python gpt_llama.py` fits a tiny model to this
+text and decodes from it.
 """
 
+import json
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -50,6 +57,19 @@ class Config:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+
+TASK = "causal_lm"  # data.py feeds it (B, T) token ids and the same ids shifted by one as targets
+HF_ARCHITECTURES = ("LlamaForCausalLM",)  # what from_pretrained accepts in a config.json
+# Defaults of `python train.py --model gpt_llama`: about five minutes on two CPU cores.
+TRAIN_RECIPE = dict(
+    config=dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=344, max_seq_len=256),
+    vocab_size=2048,
+    batch_size=16,
+    lr=3e-3,
+    warmup_steps=50,
+    time_budget=300,
+)
 
 
 class RMSNorm(nn.Module):
@@ -225,7 +245,272 @@ class Model(nn.Module):
         loss = None if targets is None else lm_loss(logits, targets)
         return logits, loss
 
+    def num_params(self, non_embedding=False):
+        """Number of parameters; non_embedding leaves out the embedding and output matrices."""
+        n = sum(p.numel() for p in self.parameters())  # a tied matrix is one parameter, counted once
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.output.weight.numel()
+        return n
+
+    def flops_per_token(self):
+        """Training FLOPs per token at full context, as in PaLM (https://arxiv.org/abs/2204.02311),
+        appendix B: every weight of a matmul costs 2 FLOPs forward and 4 backward, and attention adds
+        2 * 2 * T * D per head forward (scores and weighted sum), three times that with backward."""
+        c = self.config
+        # The output head is a matmul; the embedding lookup costs nothing.
+        matmul_weights = self.num_params(non_embedding=True) + c.vocab_size * c.dim
+        return 6 * matmul_weights + 12 * c.n_layers * c.n_heads * c.head_dim * c.max_seq_len
+
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, seed=None):
+        """Yield max_new_tokens (B,) tensors of new tokens for the equal-length prompts idx (B, T).
+
+        temperature 0 is greedy decoding. A row that has produced eos_id keeps yielding eos_id, and
+        the stream ends once every row has. seed makes the samples reproducible without touching
+        torch's global random state.
+        """
+        is_tensor = isinstance(idx, torch.Tensor)
+        is_int = is_tensor and not (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool)
+        if not (is_int and idx.dim() == 2 and idx.numel() > 0):
+            got = f"shape {tuple(idx.shape)} and dtype {idx.dtype}" if is_tensor else type(idx).__name__
+            raise ValueError(f"idx must be a (batch, time) tensor of integer token ids, neither empty; got {got}")
+        B, T = idx.shape
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"a prompt of {T} tokens plus {max_new_tokens} new tokens is longer than the context of "
+                f"{self.config.max_seq_len}; shorten the prompt or ask for fewer tokens"
+            )
+        if idx.min() < 0 or idx.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got {idx.min()}..{idx.max()}")
+        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1) or (
+            top_p is not None and not 0 < top_p <= 1
+        ):
+            raise ValueError(
+                "need max_new_tokens >= 0, temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got "
+                f"{max_new_tokens}, {temperature}, {top_k}, {top_p}"
+            )
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=idx.device).manual_seed(seed)
+        p = self.tok_embeddings.weight
+        caches = [KVCache(B, self.config.n_kv_heads, T + max_new_tokens, self.config.head_dim, p.dtype, p.device)
+                  for _ in self.layers]
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        tokens, pos = idx.long(), 0
+        for _ in range(max_new_tokens):
+            # Inference mode skips autograd's bookkeeping, a sizeable share of a small model's step. It
+            # is entered per step, not around the yield, so that it never leaks into the caller's code.
+            with torch.inference_mode():
+                logits = self._decode(tokens, pos, caches)
+                pos += tokens.size(1)
+                tokens = sample_next(logits, temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    tokens = tokens.masked_fill(done, eos_id)
+                    done |= tokens == eos_id
+            tokens = tokens.clone()  # an inference tensor could not enter a later training step
+            yield tokens
+            if eos_id is not None and done.all():
+                return
+            tokens = tokens[:, None]
+
+    def _decode(self, tokens, pos, caches):
+        """Logits (B, vocab_size) after tokens (B, T) at positions pos..pos+T, the past in caches.
+
+        The layers hold the caches only for the length of this call, so between two steps of a
+        stream the model is plain again: the caller may train it, call forward on it, or drop the
+        stream half-way without leaving stale state behind.
+        """
+        was_training = self.training
+        for layer, cache in zip(self.layers, caches):
+            layer.attention.cache = cache
+        try:
+            if was_training:
+                self.eval()
+            x = self.tok_embeddings(tokens)
+            cos, sin = self.rope_cos[pos : pos + tokens.size(1)], self.rope_sin[pos : pos + tokens.size(1)]
+            for layer in self.layers:
+                x = layer(x, cos, sin, pos)
+            return self.output(self.norm(x[:, -1]))  # only the last position picks the next token
+        finally:
+            for layer in self.layers:
+                layer.attention.cache = None
+            if was_training:
+                self.train()
+
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """idx (B, T) followed by up to max_new_tokens new tokens: (B, T + n). Takes generate_stream's options."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx.long()] + [t[:, None] for t in new], dim=1)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir):
+        """Load a Hugging Face LlamaForCausalLM folder: config.json and model.safetensors, or the
+        shards listed in model.safetensors.index.json. The weights are cast to float32."""
+        folder = Path(checkpoint_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"checkpoint folder {folder} does not exist; pass a folder holding config.json and model.safetensors"
+            )
+        config = config_from_hf(folder)
+        model = cls(config)
+        tensors, state = read_safetensors(folder), {}
+        for name in model.state_dict():
+            # A tied output head is the embedding matrix, which checkpoints store once.
+            tied = name == "output.weight" and config.tie_embeddings
+            hf_name = to_hf_name("tok_embeddings.weight" if tied else name)
+            if hf_name not in tensors:
+                raise ValueError(f"{folder} lacks the tensor {hf_name}; it is not a whole LlamaForCausalLM checkpoint")
+            state[name] = tensors[hf_name]
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"the tensors in {folder} do not fit its config.json: {e}") from None
+        return model
+
 
 def lm_loss(logits, targets, ignore_index=-100):
     """Mean next-token cross-entropy; targets equal to ignore_index (padding) count for nothing."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row of logits (B, vocab_size): the argmax at temperature 0, else a sample from
+    the softmax of logits / temperature, restricted to the top_k most likely tokens and to the
+    nucleus (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751): the fewest most likely tokens
+    whose probabilities add up to at least top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the more likely ones before it already reach top_p; the best always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# Our parameter names -> Hugging Face's, applied in order to a name such as layers.0.attention.wq.weight.
+HF_NAMES = [
+    ("tok_embeddings", "embed_tokens"), ("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
+    ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"), ("feed_forward.w1", "mlp.gate_proj"),
+    ("feed_forward.w3", "mlp.up_proj"), ("feed_forward.w2", "mlp.down_proj"), ("attention_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+]
+
+
+def to_hf_name(name):
+    if name == "output.weight":
+        return "lm_head.weight"
+    for ours, theirs in HF_NAMES:
+        name = name.replace(ours, theirs)
+    return "model." + name
+
+
+def config_from_hf(folder):
+    """Config from the config.json of a Hugging Face Llama checkpoint folder."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; pass the folder of a Hugging Face Llama checkpoint")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    architectures = hf.get("architectures") or []
+    if not set(architectures) & set(HF_ARCHITECTURES):
+        raise ValueError(
+            f"{folder} holds a {' / '.join(architectures) or hf.get('model_type', 'unknown')} checkpoint; "
+            f"gpt_llama.py loads {', '.join(HF_ARCHITECTURES)}"
+        )
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings")
+    missing = [k for k in required if not isinstance(hf.get(k), int)]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}; it is not a complete Llama config")
+    unsupported = [k for k in ("attention_bias", "mlp_bias") if hf.get(k)]
+    if hf.get("hidden_act", "silu") != "silu" or unsupported:
+        raise ValueError(f"{folder}: biases and activations other than silu are not supported by gpt_llama.py")
+    # transformers >= 5 writes rope_parameters (with rope_theta inside); older versions write
+    # rope_theta and rope_scaling at the top level.
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{folder}: RoPE type {rope_type!r} is not supported; gpt_llama.py knows default and llama3")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    n_heads = hf["num_attention_heads"]
+    return Config(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        ffn_dim=hf["intermediate_size"],
+        max_seq_len=hf["max_position_embeddings"],
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rope_scaling={k: rope[k] for k in keys} if rope_type == "llama3" else None,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+    )
+
+
+def read_safetensors(folder):
+    """All tensors of model.safetensors, or of the shards that model.safetensors.index.json lists."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+    tensors = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} lacks {name}, a shard its model.safetensors.index.json lists")
+        tensors.update(load_file(folder / name))
+    return tensors
+
+
+if __name__ == "__main__":
+    # Fit a tiny model to this file's docstring, with bytes as tokens, then decode from it.
+    torch.manual_seed(0)
+    text = __doc__.encode()
+    data = torch.tensor(list(text))
+    model = Model(Config(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    start = time.perf_counter()
+    for step in range(150):
+        offsets = torch.randint(len(data) - 65, (16,))
+        batch = torch.stack([data[o : o + 65] for o in offsets])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == 149:
+            print(f"step {step:3d}  loss {loss.item():.3f}")
+    print(f"{model.num_params():,} parameters, trained in {time.perf_counter() - start:.1f} s")
+
+    model.eval()
+    prompt = data[None, :16]
+    sample = model.generate(prompt, 120, temperature=0.8, top_k=40, seed=0)
+    print("sample:", repr(bytes(sample[0].tolist()).decode(errors="replace")))
+
+    n = 200
+    start = time.perf_counter()
+    cached = model.generate(prompt, n, temperature=0)
+    t_cached = time.perf_counter() - start
+    start = time.perf_counter()
+    uncached = prompt
+    with torch.no_grad():
+        for _ in range(n):  # recompute the whole sequence for every new token
+            logits, _ = model(uncached)
+            uncached = torch.cat([uncached, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    t_uncached = time.perf_counter() - start
+    print(f"greedy, {n} tokens: cached and uncached decoding agree: {torch.equal(cached, uncached)}; "
+          f"{n / t_cached:.0f} vs {n / t_uncached:.0f} tokens/s, the cache is {t_uncached / t_cached:.1f}x faster")

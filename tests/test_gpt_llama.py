@@ -1,0 +1,246 @@
+"""gpt_llama.py against Hugging Face transformers' LlamaForCausalLM, plus decoding, sampling and errors."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt_llama
+from gpt_llama import Config, KVCache, Model, attention_reference, lm_loss, rope_tables, sample_next
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+
+
+def hf_llama(tmp_path, max_shard_size=None, **overrides):
+    """A tiny random LlamaForCausalLM saved into tmp_path, and the model itself."""
+    settings = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+    # A freshly built model has norm weights of one; random ones make a swapped norm show up.
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
+    reference.save_pretrained(tmp_path, **kwargs)
+    return reference
+
+
+@pytest.mark.parametrize("case", [
+    dict(),  # multi-head attention, untied
+    dict(num_key_value_heads=2, tie_word_embeddings=True),  # grouped-query attention, tied
+    dict(num_key_value_heads=1, head_dim=16),  # multi-query attention, head_dim != hidden_size / heads
+    dict(num_key_value_heads=2, rope_parameters=dict(rope_theta=500000.0, **LLAMA3_ROPE)),  # Llama 3 scaling
+], ids=["mha-untied", "gqa-tied", "mqa", "llama3-rope"])
+def test_logits_match_transformers(tmp_path, case):
+    reference = hf_llama(tmp_path, **case)
+    model = Model.from_pretrained(tmp_path)
+    idx = torch.randint(0, 96, (2, 48))  # longer than original_max_position_embeddings = 16
+    with torch.no_grad():
+        expected = reference(idx).logits
+    logits, _ = model(idx)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_llama3_scaling_changes_the_tables():
+    """The scaled case above only proves something if the scaling changes the rotation angles."""
+    plain = rope_tables(8, 48, 500000.0)
+    scaled = rope_tables(8, 48, 500000.0, {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"})
+    assert not torch.allclose(plain[0], scaled[0])
+
+
+def test_sharded_checkpoint_and_older_config_layout(tmp_path):
+    reference = hf_llama(tmp_path, max_shard_size="20KB", num_key_value_heads=2)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    # transformers < 5 wrote rope_theta and rope_scaling at the top level instead of rope_parameters.
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    config["rope_scaling"] = None
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = Model.from_pretrained(tmp_path)
+    idx = torch.randint(0, 96, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], reference(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_greedy_generate_matches_transformers(tmp_path):
+    reference = hf_llama(tmp_path, num_key_value_heads=2)
+    model = Model.from_pretrained(tmp_path)
+    idx = torch.randint(3, 96, (2, 7))
+    expected = reference.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.generate(idx, 20, temperature=0), expected)
+    # With an end-of-sequence token, finished rows repeat it (transformers pads them with pad_token_id).
+    eos = int(expected[0, 7 + 4])
+    expected = reference.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=eos)
+    assert torch.equal(model.generate(idx, 20, temperature=0, eos_id=eos), expected)
+
+
+def test_stream_stops_when_every_row_is_done():
+    torch.manual_seed(0)
+    model = Model(Config()).eval()
+    idx = torch.randint(0, 512, (1, 5))
+    first = model.generate(idx, 1, temperature=0)[0, -1].item()
+    assert len(list(model.generate_stream(idx, 10, temperature=0, eos_id=first))) == 1
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+    torch.manual_seed(0)
+    model = Model(Config(n_heads=4, n_kv_heads=2, max_seq_len=32)).eval()
+    idx = torch.randint(0, 512, (2, 20))
+    c = model.config
+    caches = [KVCache(2, c.n_kv_heads, 20, c.head_dim, torch.float32, "cpu") for _ in model.layers]
+    # a prompt, then a chunk after the cached prefix (the offset mask), then one token at a time
+    pieces = [(0, 6), (6, 10)] + [(t, t + 1) for t in range(10, 20)]
+    with torch.no_grad():
+        for start, end in pieces:
+            for layer, cache in zip(model.layers, caches):
+                layer.attention.cache = cache
+            cached = model(idx[:, start:end], pos=start)[0]
+            for layer in model.layers:
+                layer.attention.cache = None
+            full = model(idx[:, :end])[0][:, start:end]  # the same positions, recomputed from scratch
+            torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+
+
+def test_generation_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = Model(Config())
+    idx = torch.randint(0, 512, (2, 8))
+    before = model(idx)[0]
+    stream = model.generate_stream(idx, 5, seed=0)
+    tokens = next(stream)  # a stream abandoned half-way
+    assert model.training and not torch.is_inference_mode_enabled()
+    model(tokens[:, None], tokens[:, None])[1].backward()  # the tokens may feed a training step
+    assert all(layer.attention.cache is None for layer in model.layers)
+    torch.testing.assert_close(model(idx)[0], before)
+
+
+def test_attention_reference_equals_sdpa_path():
+    torch.manual_seed(0)
+    config = Config(dim=32, n_heads=8, n_kv_heads=2)
+    attention = gpt_llama.Attention(config).eval()
+    P, T, D, K = 5, 4, config.head_dim, config.n_kv_heads
+    x = torch.randn(2, P + T, 32)
+    cos, sin = rope_tables(D, P + T, 10000.0)
+    # reference on the whole sequence with a causal mask, written out by hand
+    q = gpt_llama.apply_rope(attention.wq(x).view(2, P + T, 8, D).transpose(1, 2), cos, sin)
+    k = gpt_llama.apply_rope(attention.wk(x).view(2, P + T, K, D).transpose(1, 2), cos, sin)
+    v = attention.wv(x).view(2, P + T, K, D).transpose(1, 2)
+    mask = torch.ones(P + T, P + T, dtype=torch.bool).tril()
+    expected = attention.wo(attention_reference(q, k, v, mask).transpose(1, 2).reshape(2, P + T, -1))
+    with torch.no_grad():
+        torch.testing.assert_close(attention(x, cos, sin), expected, atol=1e-5, rtol=0)
+        # a chunk of T queries after P cached positions: the offset mask
+        attention.cache = KVCache(2, K, P + T, D, torch.float32, "cpu")
+        attention(x[:, :P], cos[:P], sin[:P])
+        chunk = attention(x[:, P:], cos[P:], sin[P:], pos=P)
+        torch.testing.assert_close(chunk, expected[:, P:], atol=1e-5, rtol=0)
+
+
+def test_top_k_samples_only_the_k_best():
+    torch.manual_seed(0)
+    logits = torch.randn(2000, 50) * 0.5  # flat enough that an unfiltered sample would often miss
+    picks = sample_next(logits, top_k=5, generator=torch.Generator().manual_seed(0))
+    best = logits.topk(5, dim=-1).indices
+    assert (picks[:, None] == best).any(dim=-1).all()
+    assert len(set((picks[:, None] == best).float().argmax(-1).tolist())) == 5  # and all five get picked
+
+
+def test_top_p_samples_only_the_nucleus():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(4000, 4)
+    picks = sample_next(logits, top_p=0.6, generator=torch.Generator().manual_seed(0))
+    # 0.5 alone falls short of 0.6, so the nucleus is the two best tokens, 1 and 3
+    assert set(picks.tolist()) == {1, 3}
+    assert set(sample_next(logits, top_p=0.5).tolist()) == {1}
+
+
+def test_low_temperature_is_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 100)
+    assert torch.equal(sample_next(logits, temperature=1e-4), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1))
+
+
+def test_same_seed_same_tokens_and_global_rng_untouched():
+    torch.manual_seed(0)
+    model = Model(Config()).eval()
+    idx = torch.randint(0, 512, (2, 4))
+    state = torch.get_rng_state()
+    a = model.generate(idx, 16, temperature=1.0, top_p=0.9, seed=7)
+    b = model.generate(idx, 16, temperature=1.0, top_p=0.9, seed=7)
+    c = model.generate(idx, 16, temperature=1.0, top_p=0.9, seed=8)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_loss_matches_transformers_with_padding(tmp_path):
+    reference = hf_llama(tmp_path)
+    model = Model.from_pretrained(tmp_path)
+    idx = torch.randint(0, 96, (2, 12))
+    labels = idx.clone()
+    labels[0, 8:] = -100  # padding
+    with torch.no_grad():
+        expected = reference(idx, labels=labels).loss
+    # transformers shifts labels itself; we take targets already shifted by one
+    targets = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+    logits, loss = model(idx, targets)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+    by_hand = -logits.log_softmax(-1)[targets != -100].gather(-1, targets[targets != -100][:, None]).mean()
+    torch.testing.assert_close(lm_loss(logits, targets), by_hand)
+
+
+def test_flops_per_token_counts_every_matmul():
+    model = Model(Config(vocab_size=100, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=40, max_seq_len=8,
+                         tie_embeddings=False))
+    per_layer = 16 * 16 * 2 + 16 * 8 * 2 + 3 * 16 * 40  # wq, wo; wk, wv; SwiGLU
+    assert model.num_params(non_embedding=True) == 2 * (per_layer + 2 * 16) + 16
+    assert model.num_params() == model.num_params(non_embedding=True) + 2 * 100 * 16
+    # 6 per weight, the output head included, plus 12 * layers * heads * head_dim * context for attention
+    assert model.flops_per_token() == 6 * (2 * (per_layer + 2 * 16) + 16 + 100 * 16) + 12 * 2 * 2 * 8 * 8
+
+
+def test_bad_prompts_get_clear_errors():
+    model = Model(Config(max_seq_len=16)).eval()
+    with pytest.raises(ValueError, match="longer than the context of 16"):
+        model.generate(torch.zeros(1, 17, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="longer than the context of 16"):
+        model.generate(torch.zeros(1, 10, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match=r"\(batch, time\) tensor of integer token ids"):
+        model.generate(torch.zeros(10, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="integer token ids"):
+        model.generate(torch.zeros(1, 4), 1)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\)"):
+        model.generate(torch.full((1, 4), 512), 1)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), 1, top_p=0)
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Model.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Model.from_pretrained(tmp_path)
+    config = dict(architectures=["MistralForCausalLM"], model_type="mistral")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="MistralForCausalLM checkpoint; gpt_llama.py loads LlamaForCausalLM"):
+        Model.from_pretrained(tmp_path)
+    llama = dict(architectures=["LlamaForCausalLM"], vocab_size=8, hidden_size=8, num_hidden_layers=1,
+                 num_attention_heads=2, intermediate_size=16, max_position_embeddings=16)
+    (tmp_path / "config.json").write_text(json.dumps(dict(llama, rope_parameters=dict(rope_type="yarn", factor=2.0))))
+    with pytest.raises(ValueError, match="RoPE type 'yarn' is not supported"):
+        Model.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in llama.items() if k != "hidden_size"}))
+    with pytest.raises(ValueError, match="lacks hidden_size"):
+        Model.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(llama))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
+        Model.from_pretrained(tmp_path)
