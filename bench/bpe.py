@@ -7,8 +7,8 @@ Texts: the standard library's pydoc topics (about 0.47 MB of English prose), and
 about 4 MB: the pydoc topics followed by the standard library's top-level modules (Lib/*.py in
 sorted order: code, comments and docstrings). Encoding uses the real cl100k_base ranks; every repeat
 starts from a fresh bpe.Tokenizer and a fresh puretiktoken cache, so no chunk cache is carried over.
-Everything runs on one thread (RAYON_NUM_THREADS=1 for tiktoken and tokenizers). The machine is
-shared, so each measurement is repeated and reported as a range (min-max).
+Everything runs on one thread (RAYON_NUM_THREADS=1 for tiktoken and tokenizers, unless set otherwise
+in the environment). The machine is shared, so each measurement is repeated and reported as a range.
 
 Targets: encoding >= 0.5x tiktoken and faster than puretiktoken; training vocab 4096 within 3x of
 tokenizers and >= 100x faster than the naive trainer.
@@ -151,7 +151,8 @@ def bench_train(texts, repeats, naive_n):
     naive = t_split + t_merge * (VOCAB - 256)
     print(f"\ntrain vocab {VOCAB}, mixed corpus ({mb:.2f} MB), {repeats} repeats, seconds:")
     print(f"  bpe.py        {span(ours)}")
-    print(f"  tokenizers    {span(hf)}   (BpeTrainer, same split + ByteLevel, one thread)")
+    threads = os.environ["RAYON_NUM_THREADS"]
+    print(f"  tokenizers    {span(hf)}   (BpeTrainer, same split + ByteLevel, RAYON_NUM_THREADS={threads})")
     print(f"  naive         {naive:.0f}   (extrapolated: {t_split:.2f}s to count chunks + {VOCAB - 256} x {t_merge:.3f}s,")
     print(f"                      the mean of its first {naive_n} merges; later merges are somewhat cheaper)")
     print(f"  bpe.py / tokenizers time  {span([o / h for o, h in zip(ours, hf)])}x   (target <= 3)")
