@@ -424,7 +424,7 @@ def train(texts, vocab_size: int, pattern: str = CL100K_PATTERN, special_tokens=
     if not isinstance(vocab_size, int) or vocab_size < 256:
         raise ValueError(f"vocab_size must be an integer of at least 256 (the byte tokens), got {vocab_size!r}")
     texts = [texts] if isinstance(texts, str) else texts
-    specials = list(special_tokens or [])
+    specials = list(dict.fromkeys(special_tokens or []))
     cut = regex.compile("|".join(map(regex.escape, sorted(specials, key=len, reverse=True)))) if specials else None
     split = splitter(pattern)
     t0 = time.perf_counter()

@@ -259,6 +259,14 @@ def test_trained_tokenizer_on_its_corpus(trained):
     assert len(ours.encode(text)) < len(text.encode()) / 2.2  # it learned something
 
 
+@pytest.mark.parametrize("pattern", [bpe.GPT2_PATTERN, bpe.O200K_PATTERN, bpe.LLAMA3_PATTERN])
+def test_trained_with_other_patterns_gives_tiktokens_ids(pattern):
+    tok = bpe.train(pydoc_text(40_000), 500, pattern=pattern, special_tokens=["<|endoftext|>"])
+    reference = tiktoken.Encoding("trained", pat_str=pattern, mergeable_ranks=tok.mergeable_ranks, special_tokens=tok.special_tokens)
+    text = mostly_ascii_text()[:30_000] + "<|endoftext|>" + "".join(TEXTS)
+    assert tok.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+
+
 @fast
 @given(text=st.text(max_size=60))
 def test_round_trip(trained, cl100k, text):
@@ -275,6 +283,8 @@ def test_decode_replaces_invalid_utf8_and_rejects_unknown_ids(trained):
     assert tok.decode_bytes(ids[:1]) == b"\xc3"
     with pytest.raises(ValueError, match="not in the vocabulary"):
         tok.decode([tok.n_vocab])
+    np = pytest.importorskip("numpy")
+    assert tok.decode(np.array(tok.encode("hello there"))) == "hello there"
 
 
 # ---- the fast trainer makes exactly the merges of a naive one
