@@ -273,12 +273,14 @@ def moe_dispatch(x, indices, weights, gate_up, down, capacity=None):
         rank = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
         order = order[rank < capacity]
         counts = counts.clamp(max=capacity)
-    token = order // k
-    outputs = []
-    for e, xe in enumerate(x[token].split(counts.tolist())):
-        gate, up = F.linear(xe, gate_up[e]).chunk(2, dim=-1)
-        outputs.append(F.linear(F.silu(gate) * up, down[e]))
-    y = torch.cat(outputs) * weights.flatten()[order, None]
+    token, sizes = order // k, counts.tolist()
+    # Only the matmuls run per expert; the activation runs once over all of them. unbind, not
+    # gate_up[e], which would give each expert a full-size zero gradient in backward.
+    h = torch.cat([F.linear(xe, w) for xe, w in zip(x[token].split(sizes), gate_up.unbind(0))])
+    gate, up = h.chunk(2, dim=-1)
+    h = F.silu(gate) * up
+    y = torch.cat([F.linear(he, w) for he, w in zip(h.split(sizes), down.unbind(0))])
+    y = y * weights.flatten()[order, None]
     return x.new_zeros(x.shape).index_add(0, token, y.to(x.dtype)), N * k - order.numel()
 
 
