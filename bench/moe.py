@@ -97,6 +97,10 @@ def train_run(name, model, sets, budget, workdir):
     out = workdir / name
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", model, "--time-budget", str(budget), "--fresh",
            "--out", str(out), "--sample-tokens", "0", "--no-plot", "--log-every", "5"]
+    # Both models get moe.py's batch, learning rate, warmup and tokenizer, so only the layers differ.
+    r = moe.TRAIN_RECIPE
+    cmd += ["--batch-size", str(r["batch_size"]), "--lr", str(r["lr"]), "--warmup-steps", str(r["warmup_steps"]),
+            "--vocab-size", str(r["vocab_size"])]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     start = time.time()

@@ -209,3 +209,22 @@ def test_greedy_generation_equals_uncached_argmax():
         for _ in range(10):
             seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, seq)
+
+
+def test_metrics_of_a_collapsed_router_with_capacity():
+    """Every token picks experts 0 and 1 (the selection bias decides between equal scores)."""
+    config = moe.Config(n_layers=2, first_dense_layers=1, n_experts=8, top_k=2, capacity_factor=1.0)
+    model = moe.Model(config).train()
+    layer = model.moe_layers()[0]
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.bias.copy_(torch.tensor([2.0, 1.0, 0, 0, 0, 0, 0, 0]))
+    n = 64
+    model(torch.randint(0, config.vocab_size, (2, n // 2)))
+    m = model.metrics()
+    assert [m[f"load_l1_e{j}"] for j in range(8)] == [0.5, 0.5, 0, 0, 0, 0, 0, 0]
+    assert "load_l0_e0" not in m  # layer 0 is dense
+    # Capacity: 1.0 * 2n / 8 assignments per expert, so experts 0 and 1 keep n/4 of their n each.
+    assert m["dropped"] == pytest.approx(1 - 2 * (n / 4) / (2 * n))
+    assert m["dead"] == 6 and m["maxvio"] == pytest.approx(3.0) and m["cv"] == pytest.approx(3**0.5)
+    assert m["aux_loss"] == pytest.approx(1.0)  # uniform probabilities: P_i = 1/E whatever f is
