@@ -4,19 +4,29 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import gpt_llama
 from gpt_llama import Config, KVCache, Model, attention_reference, lm_loss, rope_tables, sample_next
 
 transformers = pytest.importorskip("transformers")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: a second thread gains nothing, and on cores that other jobs keep busy
+    the threads of each operation wait on one another, which made this file ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=16)
 
 
 def hf_llama(tmp_path, max_shard_size=None, **overrides):
-    """A tiny random LlamaForCausalLM saved into tmp_path, and the model itself."""
+    """A tiny random LlamaForCausalLM, saved into tmp_path."""
     settings = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
     settings.update(overrides)
