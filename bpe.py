@@ -418,8 +418,9 @@ def train(texts, vocab_size: int, pattern: str = CL100K_PATTERN, special_tokens=
     out of pairs). Special tokens, a list of strings or a dict of string -> id, get the ids right after
     them (a list) or their own ids (a dict); they are cut out of the training text, never learned.
     The best pair is the most frequent one; on a tie, the one whose (left bytes, right bytes) sorts
-    first. If two different pairs spell the same bytes, the later merge reuses the earlier token, as
-    the encoder would (it looks up the concatenated bytes), so every rank names distinct bytes.
+    first. Should two different pairs ever spell the same bytes (random corpora never made it happen,
+    but nothing here rules it out), the later merge reuses the earlier token, as the encoder would (it
+    looks up the concatenated bytes), so every rank names distinct bytes.
     """
     if not isinstance(vocab_size, int) or vocab_size < 256:
         raise ValueError(f"vocab_size must be an integer of at least 256 (the byte tokens), got {vocab_size!r}")

@@ -89,7 +89,8 @@ def trained():
 assigned = st.characters(exclude_categories=("Cs", "Cn"))
 SNIPPETS = ["'s", "'LL", " ", "  ", "\n", "\r\n", "\t", "123", "4567", "abc", "ABC", " the", "é", "\u0301", "日本", "ب", "👍", "\u200d", "!!", "...", "/", "\u00a0"]
 mixed_text = st.lists(st.sampled_from(SNIPPETS) | st.text(assigned, max_size=8), max_size=30).map("".join)
-fast = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run, so that a failure is never a matter of luck.
+fast = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 # ---- the split patterns are tiktoken's
@@ -322,7 +323,7 @@ TIE_CORPORA = [
     "abab baba abab baba",
     "aaaa aaa aa a aaaaa",  # overlapping pairs
     "abc abc bcd bcd cde cde abcd bcde",
-    "ab c abc a bc ab c a bc",  # (ab, c) and (a, bc) both spell abc
+    "ab c abc a bc ab c a bc",  # (ab, c) and (a, bc) compete
     "xyz\n\nxyz  xyz\t\txy zy zyx'S it's it's",
     "ab ab cd cd ef ef gh gh ij ij kl kl mn mn",
 ]
@@ -333,7 +334,7 @@ def test_fast_trainer_equals_naive(text):
     assert bpe.train(text, 256 + 40).mergeable_ranks == naive_train(text, 256 + 40)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(text=st.text(alphabet="ab c\n'", max_size=120), extra=st.integers(1, 40))
 def test_fast_trainer_equals_naive_on_random_corpora(text, extra):
     if not text:
