@@ -546,7 +546,10 @@ def read_hf_config(folder):
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass a Hugging Face checkpoint folder (config.json and *.safetensors)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 def config_from_hf(hf):
@@ -560,7 +563,7 @@ def config_from_hf(hf):
     if rope.get("rope_type", "default") not in ("default", "llama3"):
         raise ValueError(f"rope_type {rope['rope_type']!r} is not supported; only 'default' and 'llama3' are")
     qwen = arch == "Qwen2MoeForCausalLM"
-    n_layers, top_k = hf["num_hidden_layers"], hf["num_experts_per_tok"]
+    top_k = hf["num_experts_per_tok"]
     dense = sorted(hf.get("mlp_only_layers") or [])
     if dense != list(range(len(dense))):
         raise ValueError(f"mlp_only_layers {dense} is not supported; only the first layers may be dense")
@@ -570,7 +573,7 @@ def config_from_hf(hf):
     return Config(
         vocab_size=hf["vocab_size"],
         dim=hf["hidden_size"],
-        n_layers=n_layers,
+        n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"],
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim"),
@@ -647,8 +650,8 @@ def hf_to_state_dict(hf_state, config):
     state, experts = {}, {}
     for name, tensor in hf_state.items():
         m = HF_EXPERT.fullmatch(name)
-        if m:
-            experts.setdefault((int(m[1]), HF_EXPERT_PART[m[3]]), {})[int(m[2])] = tensor
+        if m and m[3] in HF_EXPERT_PART:
+            experts.setdefault((int(m[1]), HF_EXPERT_PART[m[3]]), {})[int(m[2])] = tensor.float()
             continue
         name = name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
         for old, new in HF_RENAMES:
@@ -656,20 +659,17 @@ def hf_to_state_dict(hf_state, config):
         state[name] = tensor.float()
     for (layer, part), per_expert in experts.items():
         if sorted(per_expert) != list(range(config.n_experts)):
-            raise ValueError(f"layer {layer} has experts {sorted(per_expert)}, expected 0..{config.n_experts - 1}")
-        stacked = torch.stack([per_expert[e] for e in range(config.n_experts)]).float()
-        key = f"layers.{layer}.feed_forward."
-        if part == "down":
-            state[key + "down"] = stacked
-        else:
-            state.setdefault(key + "gate_up", {})[part] = stacked
-    for name, parts in list(state.items()):
-        if isinstance(parts, dict):
-            state[name] = torch.cat([parts["gate"], parts["up"]], dim=1)
+            raise ValueError(f"layer {layer} has {part} matrices for experts {sorted(per_expert)}, not 0..{config.n_experts - 1}")
+        experts[layer, part] = torch.stack([per_expert[e] for e in range(config.n_experts)])
+    for layer in sorted({layer for layer, _ in experts}):
+        missing = [part for part in ("gate", "up", "down") if (layer, part) not in experts]
+        if missing:
+            raise ValueError(f"layer {layer} lacks the experts' {' and '.join(missing)} projections")
+        state[f"layers.{layer}.feed_forward.gate_up"] = torch.cat([experts[layer, "gate"], experts[layer, "up"]], dim=1)
+        state[f"layers.{layer}.feed_forward.down"] = experts[layer, "down"]
     if config.tie_embeddings:
         state.setdefault("output.weight", state["tok_embeddings.weight"])
     return state
-
 
 if __name__ == "__main__":
     # A toy language: arithmetic progressions mod 64 with four strides. The same tiny MoE learns it
