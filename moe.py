@@ -412,14 +412,17 @@ class Model(nn.Module):
         """
         c = self.config
         if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.numel() > 0 and not idx.is_floating_point()):
-            raise ValueError(f"idx must be a (batch, time) tensor of integer token ids, got {getattr(idx, 'shape', type(idx))}")
+            got = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"idx must be a (batch, time) tensor of integer token ids, got {got}")
         B, T = idx.shape
         if T + max_new_tokens > c.max_seq_len:
-            raise ValueError(f"a prompt of {T} tokens plus {max_new_tokens} new ones exceeds the context of {c.max_seq_len}; ask for fewer")
+            raise ValueError(f"a prompt of {T} tokens plus {max_new_tokens} new ones exceeds the context of "
+                             f"{c.max_seq_len}; shorten the prompt or ask for fewer tokens")
         if idx.min() < 0 or idx.max() >= c.vocab_size:
             raise ValueError(f"token ids must lie in [0, {c.vocab_size}), got {idx.min()}..{idx.max()}")
         if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-            raise ValueError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+            raise ValueError(
+                f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
         generator = None if seed is None else torch.Generator(idx.device).manual_seed(seed)
         w = self.tok_embeddings.weight
         caches = [KVCache(B, c.n_kv_heads, T + max_new_tokens, c.head_dim, w.dtype, w.device) for _ in self.layers]
@@ -470,7 +473,8 @@ class Model(nn.Module):
         # The checkpoints carry no balancing bias: it stays zero, which is what they were trained with.
         missing = [k for k in missing if not k.endswith("router.bias")]
         if missing or unexpected:
-            raise ValueError(f"{folder}: the weights do not fit the config; missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"{folder}: the weights do not fit config.json; missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model
 
     def metrics(self):
@@ -545,7 +549,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 def read_hf_config(folder):
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass a Hugging Face checkpoint folder (config.json and *.safetensors)")
+        raise FileNotFoundError(
+            f"{path} does not exist; pass a Hugging Face checkpoint folder (config.json and *.safetensors)")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -659,7 +664,8 @@ def hf_to_state_dict(hf_state, config):
         state[name] = tensor.float()
     for (layer, part), per_expert in experts.items():
         if sorted(per_expert) != list(range(config.n_experts)):
-            raise ValueError(f"layer {layer} has {part} matrices for experts {sorted(per_expert)}, not 0..{config.n_experts - 1}")
+            raise ValueError(
+                f"layer {layer} has {part} matrices for experts {sorted(per_expert)}, not 0..{config.n_experts - 1}")
         experts[layer, part] = torch.stack([per_expert[e] for e in range(config.n_experts)])
     for layer in sorted({layer for layer, _ in experts}):
         missing = [part for part in ("gate", "up", "down") if (layer, part) not in experts]
@@ -700,8 +706,9 @@ if __name__ == "__main__":
             if step >= 130:
                 load += model.moe_layers()[-1].load
         load /= load.sum()
+        cv = (load.std(unbiased=False) / load.mean()).item()
         print(f"{name:15s} loss {loss.item():.3f} after 150 steps ({time.perf_counter() - start:.1f} s); expert load "
-              f"[{' '.join(f'{v:.0%}' for v in load.tolist())}], cv {(load.std(unbiased=False) / load.mean()).item():.2f}")
+              f"[{' '.join(f'{v:.0%}' for v in load.tolist())}], cv {cv:.2f}")
     print(f"{model.num_params():,} parameters, {model.num_params(active=True):,} active per token")
     prompt = torch.tensor([[5, 12, 19]])  # stride 7
     print("greedy continuation of 5 12 19:", model.generate(prompt, 8, temperature=0)[0, 3:].tolist())

@@ -1,4 +1,4 @@
-"""moe.py against transformers' Mixtral and Qwen2-MoE, and its dispatch and balancing against hand-written references."""
+"""moe.py against transformers' Mixtral and Qwen2-MoE; its dispatch and balancing against hand-written references."""
 
 import json
 
@@ -123,7 +123,8 @@ def test_sorted_dispatch_equals_per_token_loop(capacity):
     gate_up, down = torch.randn(n_experts, 2 * I, C), torch.randn(n_experts, C, I)
     # Ties everywhere: most tokens pick expert 2, several pick the same pair, some weights are equal,
     # and expert 4 is never chosen.
-    indices = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 3], [1, 2], [2, 0], [3, 1], [2, 0], [0, 1], [2, 3], [1, 0], [3, 2]])
+    indices = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 3], [1, 2], [2, 0], [3, 1], [2, 0], [0, 1], [2, 3], [1, 0],
+                            [3, 2]])
     weights = torch.rand(N, 2)
     weights[::3] = 0.5
     y, dropped = moe.moe_dispatch(x, indices, weights, gate_up, down, capacity)
@@ -190,7 +191,8 @@ def test_kv_cache_decoding_equals_recomputation():
     with torch.no_grad():
         full, _ = model(idx)
         for layer in model.layers:
-            layer.attention.cache = moe.KVCache(2, config.n_kv_heads, config.max_seq_len, config.head_dim, torch.float32, "cpu")
+            layer.attention.cache = moe.KVCache(
+                2, config.n_kv_heads, config.max_seq_len, config.head_dim, torch.float32, "cpu")
         steps = [model(idx[:, :12])[0]]
         steps += [model(idx[:, t : t + 1], pos=t)[0] for t in range(12, 16)]
         steps.append(model(idx[:, 16:], pos=16)[0])  # a chunk after a cached prefix
