@@ -14,8 +14,9 @@ slows a run down. Target: >= 1.5x transformers.
 quality: MoE against a dense gpt_llama.py model with the same active parameters per token, and MoE
 without any balancing, each trained by `python train.py` for the same --budget seconds of wall time on
 the default corpus. Prints a table of validation loss, bits per byte and the experts' coefficient of
-variation (from the last logged training step). The default 60 s keeps four runs within the shared
-machine's patience; the runs are too short to rank recipes that are close.
+variation (from the last logged training step). Every run uses one thread (--threads 1). The default
+60 s keeps four runs within the shared machine's patience; such short runs on cores shared with other
+jobs are noisy (the steps column shows how much work each run got) and cannot rank close recipes.
 """
 
 import argparse
@@ -96,7 +97,7 @@ def speed(args):
 def train_run(name, model, sets, budget, workdir):
     out = workdir / name
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", model, "--time-budget", str(budget), "--fresh",
-           "--out", str(out), "--sample-tokens", "0", "--no-plot", "--log-every", "5"]
+           "--out", str(out), "--sample-tokens", "0", "--no-plot", "--log-every", "5", "--threads", "1"]
     # Both models get moe.py's batch, learning rate, warmup and tokenizer, so only the layers differ.
     r = moe.TRAIN_RECIPE
     cmd += ["--batch-size", str(r["batch_size"]), "--lr", str(r["lr"]), "--warmup-steps", str(r["warmup_steps"]),
@@ -110,7 +111,9 @@ def train_run(name, model, sets, budget, workdir):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = [r for r in records if "val_bpb" in r][-1]
     logged = [r for r in records if "loss" in r]
+    speeds = [r["tokens_per_s"] for r in logged]
     return dict(name=name, steps=final["step"], val_loss=final["val_loss"], val_bpb=final["val_bpb"],
+                tok_s=sum(speeds) / max(1, len(speeds)),
                 cv=logged[-1].get("cv") if logged else None, maxvio=logged[-1].get("maxvio") if logged else None,
                 wall=time.time() - start)
 
@@ -120,7 +123,7 @@ def quality(args):
     c = moe.Config(**recipe)
     # The dense model's SwiGLU is as wide as the k routed experts (and the shared ones) together.
     dense_ffn = c.top_k * c.expert_dim + c.n_shared_experts * c.shared_expert_dim
-    dense = {k: recipe[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")}
+    dense = {k: recipe[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout") if k in recipe}
     runs = [
         ("moe (recipe)", "moe", {}),
         ("moe, no aux loss, no bias", "moe", dict(aux_loss_coef=0.0, bias_update_rate=0.0)),
@@ -137,8 +140,8 @@ def quality(args):
             r = rows[-1]
             cv = "-" if r["cv"] is None else f"{r['cv']:.2f}"
             maxvio = "-" if r["maxvio"] is None else f"{r['maxvio']:.2f}"
-            print(f"| {name:32s} | {r['steps']:5d} steps | val loss {r['val_loss']:.4f} | bpb {r['val_bpb']:.4f} | "
-                  f"cv {cv:>4s} | maxvio {maxvio:>4s} |", flush=True)
+            print(f"| {name:30s} | {r['steps']:5d} steps | {r['tok_s']:5.0f} tok/s | val loss {r['val_loss']:.4f} | "
+                  f"bpb {r['val_bpb']:.4f} | cv {cv:>4s} | maxvio {maxvio:>4s} |", flush=True)
 
 
 def main():
