@@ -48,10 +48,15 @@ CANDIDATES = {
     "d128-L2-c128-b8-lr1.5e-3": (llama(128, 2, 128), dict(vocab_size=2048, batch_size=8, lr=1.5e-3)),
     "d128-L3-c128-b8-lr1.5e-3": (llama(128, 3, 128), dict(vocab_size=2048, batch_size=8, lr=1.5e-3)),
     "d192-L3-c128-b8-lr1.5e-3": (llama(192, 3, 128, heads=6), dict(vocab_size=2048, batch_size=8, lr=1.5e-3)),
+    # Third round, at the full 300 s: with ~115k training tokens, a run of several epochs overfits
+    # (the d128-L3 run's validation loss rose after step 1000), so try dropout.
+    "d192-L3-c128-b8-lr1.5e-3-drop0.1": (llama(192, 3, 128, heads=6) | dict(dropout=0.1), dict(vocab_size=2048, batch_size=8, lr=1.5e-3)),
+    "d192-L3-c128-b8-lr1.5e-3-drop0.2": (llama(192, 3, 128, heads=6) | dict(dropout=0.2), dict(vocab_size=2048, batch_size=8, lr=1.5e-3)),
 }
 
 
 ROUND_2 = list(CANDIDATES).index("d128-L4-c128-b8-lr1.5e-3-again")
+ROUND_3 = list(CANDIDATES).index("d192-L3-c128-b8-lr1.5e-3-drop0.1")
 
 # Left out of a plain run: too slow to learn much in a few minutes on two shared cores.
 SKIP = {"d128-L6-c128-b8", "d256-L3-c128-b8"}
@@ -94,14 +99,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--budget", type=float, default=300, help="seconds of wall time per run")
     p.add_argument("--only", default=None, help="comma-separated candidate names (default: all but SKIP)")
-    p.add_argument("--round", type=int, default=None, help="only the candidates of this round (1 or 2)")
+    p.add_argument("--round", type=int, default=None, help="only the candidates of this round (1, 2 or 3)")
     p.add_argument("--workdir", default="/tmp/llms-from-scratch-sweep", help="where the runs write")
     p.add_argument("--table", default=None, help="append the markdown table to this file")
     p.add_argument("extra", nargs="*", help="more train.py flags for every run, after --")
     args = p.parse_args()
     names = args.only.split(",") if args.only else [n for n in CANDIDATES if n not in SKIP]
     if args.round:
-        names = [n for n in names if (list(CANDIDATES).index(n) >= ROUND_2) == (args.round == 2)]
+        starts = [0, ROUND_2, ROUND_3, len(CANDIDATES)]
+        names = [n for n in names if starts[args.round - 1] <= list(CANDIDATES).index(n) < starts[args.round]]
 
     sys.path.insert(0, str(ROOT))
     import data
