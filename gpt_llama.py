@@ -63,7 +63,7 @@ TASK = "causal_lm"  # data.py feeds it (B, T) token ids and the same ids shifted
 HF_ARCHITECTURES = ("LlamaForCausalLM",)  # what from_pretrained accepts in a config.json
 # Defaults of `python train.py --model gpt_llama`: about five minutes on two CPU cores.
 TRAIN_RECIPE = dict(
-    config=dict(dim=192, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=512, max_seq_len=128, dropout=0.1),
+    config=dict(dim=192, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=512, max_seq_len=128, dropout=0.2),
     vocab_size=2048,
     batch_size=8,
     lr=1.5e-3,
