@@ -48,6 +48,8 @@ import data
 
 ROOT = Path(__file__).resolve().parent
 
+DEFAULT_MODEL = "gpt_llama"
+
 # What train.py uses when a model file's TRAIN_RECIPE leaves a key out.
 DEFAULTS = dict(
     config={},  # Config field overrides; config["max_seq_len"] is the training context
@@ -139,7 +141,7 @@ class HelpFormatter(argparse.HelpFormatter):
 def parse_args(argv):
     pre = argparse.ArgumentParser(add_help=False)
     choices = model_choices()
-    pre.add_argument("--model", default="gpt_llama" if "gpt_llama" in choices else (choices or ["?"])[0])
+    pre.add_argument("--model", default=DEFAULT_MODEL)
     name = pre.parse_known_args(argv)[0].model
     recipe = dict(DEFAULTS)
     if name in choices:
@@ -458,6 +460,9 @@ def train(args):
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
+        # Its own generator: the default one would take a number from the global RNG, which
+        # dropout uses, and shift a resumed run's random stream by one draw.
+        generator=torch.Generator().manual_seed(args.seed),
     )
     batches = iter(loader)
 

@@ -17,7 +17,7 @@ import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--vocab-size", "300", "--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=2", "--set", "n_kv_heads=1",
-        "--set", "ffn_dim=64", "--set", "max_seq_len=32", "--batch-size", "4", "--warmup-steps", "5",
+        "--set", "ffn_dim=64", "--set", "max_seq_len=32", "--set", "dropout=0.0", "--batch-size", "4", "--warmup-steps", "5",
         "--eval-tokens", "512", "--sample-tokens", "8", "--no-plot", "--threads", "1"]
 
 
@@ -87,7 +87,9 @@ def wait_for_step(proc, step):
 
 
 def test_resume_after_sigkill_and_sigint_is_bit_identical(env):
-    common = ["--max-steps", "24", "--ckpt-every", "8", "--eval-every", "0", "--log-every", "1", "--seed", "3", "--sample-tokens", "0"]
+    # With dropout, so that the random state must be restored too.
+    common = ["--max-steps", "24", "--ckpt-every", "8", "--eval-every", "0", "--log-every", "1", "--seed", "3",
+              "--sample-tokens", "0", "--set", "dropout=0.1"]
     assert train.main(args(env, env / "straight", *common)) == 0
 
     out = env / "stopped"
