@@ -39,7 +39,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict, deque
 
@@ -397,13 +396,15 @@ def read_rank_file(path) -> dict:
 
 
 def _write_atomic(path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    """Write to a temp file beside path, then rename it onto path: a crash never leaves half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # open() gives it the usual permissions, unlike mkstemp's 0600
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 

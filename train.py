@@ -11,7 +11,7 @@ autocast on CUDA, DDP under torchrun (gloo on CPU, nccl on CUDA).
 Length of the run: --max-steps fixes it (and then no time budget applies unless --time-budget is
 given). Otherwise --time-budget seconds of wall time, counted from the start of this script and
 including data preparation, evaluation, sampling and saving: the number of steps is estimated from
-the measured step time, re-estimated every 25 steps, and training stops early enough for the final
+the measured step time, re-estimated every 10 steps, and training stops early enough for the final
 evaluation. The cosine schedule decays over that estimate, which the checkpoint keeps for resuming.
 
 Checkpoints go to --out (default out/<model>), written atomically: model.safetensors (weights),
