@@ -1,5 +1,6 @@
 """train.py end to end on a tiny config: outputs, exact resume, DDP equivalence and bad input."""
 
+import importlib.util
 import json
 import re
 import os
@@ -62,7 +63,10 @@ def test_outputs(env, trained, capsys):
     assert train.main(argv) == 0  # with the plot this time
     printed = capsys.readouterr().out
     assert "sample:" in printed and "val loss" in printed and "bpb" in printed
-    assert (env / "plotted" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    if importlib.util.find_spec("matplotlib"):  # the test extras install it; loss.png is optional
+        assert (env / "plotted" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert "matplotlib is not installed" in printed
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer.tiktoken", "state.pt", "metrics.jsonl"):
         assert (trained / name).is_file(), name
     config = json.loads((trained / "config.json").read_text())
