@@ -131,39 +131,29 @@ def test_o200k_ids_equal_tiktoken(o200k, text):
     assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
 
 
-@fast
-@given(text=mixed_text)
-def test_cl100k_ids_equal_tiktoken_on_random_text(cl100k, text):
-    ours, reference = cl100k
-    assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
-
-
-@fast
-@given(text=mixed_text)
-def test_o200k_ids_equal_tiktoken_on_random_text(o200k, text):
-    ours, reference = o200k
-    assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+def split_pair(cl100k, name, pattern):
+    """Ours and tiktoken with cl100k's ranks and another split pattern: tiktoken accepts any pair, and
+    the split is what is tested."""
+    ranks = cl100k[0].mergeable_ranks
+    return bpe.Tokenizer(ranks, pattern), tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
 
 
 @pytest.fixture(scope="module")
 def gpt2_split(cl100k):
-    """GPT-2's pattern with cl100k's ranks: tiktoken accepts any pair, and the split is what is tested."""
-    ranks = cl100k[0].mergeable_ranks
-    return bpe.Tokenizer(ranks, bpe.GPT2_PATTERN), tiktoken.Encoding("gpt2-split", pat_str=bpe.GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
-
-
-@fast
-@given(text=mixed_text)
-def test_gpt2_pattern_splits_like_tiktoken(gpt2_split, text):
-    ours, reference = gpt2_split
-    assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+    return split_pair(cl100k, "gpt2-split", bpe.GPT2_PATTERN)
 
 
 @pytest.fixture(scope="module")
 def llama3_split(cl100k):
-    """Llama 3's pattern with cl100k's ranks, to test the split."""
-    ranks = cl100k[0].mergeable_ranks
-    return bpe.Tokenizer(ranks, bpe.LLAMA3_PATTERN), tiktoken.Encoding("llama3-split", pat_str=bpe.LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    return split_pair(cl100k, "llama3-split", bpe.LLAMA3_PATTERN)
+
+
+@pytest.mark.parametrize("pair", ["cl100k", "o200k", "gpt2_split"])
+@fast
+@given(text=mixed_text)
+def test_ids_equal_tiktoken_on_random_text(request, pair, text):
+    ours, reference = request.getfixturevalue(pair)
+    assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
 
 
 @pytest.fixture
