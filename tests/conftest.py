@@ -2,6 +2,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # No test may reach a model hub; the reference models are built from configs.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -9,3 +11,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def corpus_env(tmp_path_factory):
+    """A folder with corpus.txt (the first 30k characters of pydoc topics) and a private data cache,
+    which stays in force for the module, so that no test reads or fills the user's cache."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "corpus.txt").write_text("\n\n".join(topics[k] for k in sorted(topics))[:30000])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMS_FROM_SCRATCH_CACHE", str(root / "cache"))
+        yield root

@@ -1,7 +1,6 @@
 """sample.py: streaming from a trained folder, interactive prompts, Hugging Face Llama folders, bad input."""
 
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -17,22 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample")
-    from pydoc_data.topics import topics
-
-    (root / "corpus.txt").write_text("\n\n".join(topics[k] for k in sorted(topics))[:20000])
-    old = os.environ.get("LLMS_FROM_SCRATCH_CACHE")
-    os.environ["LLMS_FROM_SCRATCH_CACHE"] = str(root / "cache")
+def trained(corpus_env):
+    root = corpus_env
     argv = ["--data", str(root / "corpus.txt"), "--out", str(root / "out"), "--vocab-size", "300", "--set", "dim=32",
             "--set", "n_layers=1", "--set", "n_heads=2", "--set", "n_kv_heads=1", "--set", "ffn_dim=64",
             "--set", "max_seq_len=32", "--batch-size", "4", "--max-steps", "3", "--sample-tokens", "0", "--no-plot", "--threads", "1"]
     assert train.main(argv) == 0
-    yield root / "out"
-    if old is None:
-        del os.environ["LLMS_FROM_SCRATCH_CACHE"]
-    else:
-        os.environ["LLMS_FROM_SCRATCH_CACHE"] = old
+    return root / "out"
 
 
 def test_prompt_is_continued_with_the_models_own_samples(trained, capsys):

@@ -23,19 +23,8 @@ TINY = ["--vocab-size", "300", "--set", "dim=32", "--set", "n_layers=1", "--set"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A small corpus and a private cache, shared by the tests of this file."""
-    root = tmp_path_factory.mktemp("train")
-    from pydoc_data.topics import topics
-
-    (root / "corpus.txt").write_text("\n\n".join(topics[k] for k in sorted(topics))[:30000])
-    old = os.environ.get("LLMS_FROM_SCRATCH_CACHE")
-    os.environ["LLMS_FROM_SCRATCH_CACHE"] = str(root / "cache")
-    yield root
-    if old is None:
-        del os.environ["LLMS_FROM_SCRATCH_CACHE"]
-    else:
-        os.environ["LLMS_FROM_SCRATCH_CACHE"] = old
+def env(corpus_env):
+    return corpus_env
 
 
 def args(env, out, *extra):
