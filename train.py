@@ -547,23 +547,25 @@ def train(args):
                 _, loss = model(**batch)
             (loss / args.grad_accum).backward()
             loss_sum += loss.detach().float()
-        # One small all-reduce per step carries the loss, a non-finite flag and a stop request, so that
-        # every rank takes the same decision.
         # Stop when one more step would run into the time kept for the final evaluation and saving.
         over_time = bool(budget) and elapsed() + per_step > budget - reserve - eval_estimate(per_step)
+        # One small all-reduce per step carries the loss, a non-finite flag and a stop request, so that
+        # every rank takes the same decision; reading it back is the step's one wait for the device.
+        step_loss = loss_sum.item() / args.grad_accum
         flags = torch.tensor(
-            [loss_sum.item() / args.grad_accum, float(not math.isfinite(loss_sum.item())), float(stop["signal"] is not None or over_time)],
+            [step_loss, float(not math.isfinite(step_loss)), float(stop["signal"] is not None or over_time)],
             dtype=torch.float64, device=device,
         )
         if ddp:
             dist.all_reduce(flags)
-        if flags[1] > 0:
+        loss_total, non_finite, stop_requested = flags.tolist()
+        if non_finite:
             progress.print("")
             kept = "no checkpoint was written"
             if (out / "state.pt").exists():
                 kept = f"the last good checkpoint (step {torch.load(out / 'state.pt', weights_only=True)['step']}) in {out} is kept"
-            raise CliError(f"the loss became {loss_sum.item():.4g} at step {step + 1}, so training stopped; {kept}; try a lower --lr")
-        last_loss = flags[0].item() / world
+            raise CliError(f"the loss became {step_loss:.4g} at step {step + 1}, so training stopped; {kept}; try a lower --lr")
+        last_loss = loss_total / world
         if args.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
@@ -591,7 +593,7 @@ def train(args):
                 record({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
                         "time": elapsed(), **{k: float(v) for k, v in extra.items()}})
                 window_time, window_step = now, step
-        final = (total_steps is not None and step >= total_steps) or flags[2] > 0
+        final = (total_steps is not None and step >= total_steps) or stop_requested
         if args.eval_every and step % args.eval_every == 0 and not final:
             last_eval, seconds = evaluate()
             eval_seconds, n_evals = eval_seconds + seconds, n_evals + 1
@@ -601,7 +603,7 @@ def train(args):
             checkpoint()
             progress.print(f"stopped by {signal.Signals(stop['signal']).name} at step {step}; checkpoint saved in {out}; run the same command to resume")
             return 0
-        if flags[2] > 0:
+        if stop_requested:
             break
         if args.ckpt_every and step % args.ckpt_every == 0:
             checkpoint()
