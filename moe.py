@@ -267,12 +267,12 @@ def moe_dispatch(x, indices, weights, gate_up, down, capacity=None):
     The N * k assignments are sorted by expert (stably, so tokens keep their order within an expert):
     each expert's tokens become one contiguous slice, and each expert costs one matmul per projection,
     whatever the routing. With a capacity, an expert serves only its first `capacity` assignments.
-    Returns y (N, C) and the number of dropped assignments.
+    Returns y (N, C), the load (E,): assignments per expert before any drop, and the number dropped.
     """
     N, k = indices.shape
     flat = indices.flatten()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=gate_up.size(0))
+    load = counts = torch.bincount(flat, minlength=gate_up.size(0))
     if capacity is not None:
         rank = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
         order = order[rank < capacity]
@@ -285,7 +285,7 @@ def moe_dispatch(x, indices, weights, gate_up, down, capacity=None):
     h = F.silu(gate) * up
     y = torch.cat([F.linear(he, w) for he, w in zip(h.split(sizes), down.unbind(0))])
     y = y * weights.flatten()[order, None]
-    return x.new_zeros(x.shape).index_add(0, token, y.to(x.dtype)), N * k - order.numel()
+    return x.new_zeros(x.shape).index_add(0, token, y.to(x.dtype)), load, N * k - order.numel()
 
 
 def load_balancing_loss(scores, counts):
@@ -322,13 +322,12 @@ class MoE(nn.Module):
         B, T, C = x.shape
         x = x.reshape(-1, C)
         logits, scores, indices, weights = self.router(x)
-        counts = torch.bincount(indices.flatten(), minlength=self.config.n_experts)
         # Dropping is a training-time device for bounded memory; at inference every token is served,
         # which also keeps cached decoding equal to recomputation.
         capacity = None
         if self.training and self.config.capacity_factor is not None:
             capacity = math.ceil(self.config.capacity_factor * indices.numel() / self.config.n_experts)
-        y, dropped = moe_dispatch(x, indices, weights, self.gate_up, self.down, capacity)
+        y, counts, dropped = moe_dispatch(x, indices, weights, self.gate_up, self.down, capacity)
         gates = self.shared_gate(x).sigmoid() if self.shared_gate is not None else None
         for j, expert in enumerate(self.shared):
             y = y + (expert(x) if gates is None else gates[:, j : j + 1] * expert(x))

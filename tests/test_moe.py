@@ -127,7 +127,8 @@ def test_sorted_dispatch_equals_per_token_loop(capacity):
                             [3, 2]])
     weights = torch.rand(N, 2)
     weights[::3] = 0.5
-    y, dropped = moe.moe_dispatch(x, indices, weights, gate_up, down, capacity)
+    y, load, dropped = moe.moe_dispatch(x, indices, weights, gate_up, down, capacity)
+    assert load.tolist() == torch.bincount(indices.flatten(), minlength=gate_up.size(0)).tolist()
     y_ref, dropped_ref = naive_dispatch(x, indices, weights, gate_up, down, capacity)
     assert dropped == dropped_ref and (dropped > 0) == (capacity is not None)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
