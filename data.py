@@ -292,9 +292,10 @@ class CausalLM:
         for i in range(0, len(mine), batch_size):
             w = torch.from_numpy(self.val_tokens[mine[i : i + batch_size, None] * seq_len + span].astype(np.int64))
             x, y = w[:, :-1].to(device), w[:, 1:].to(device)
+            # No targets: the model's own loss may add auxiliary terms (MoE balancing), and the
+            # cross-entropy from the logits is all that bits per byte measures.
             with autocast():
-                logits, _ = model(x, y)
-            # Cross-entropy from the logits: the model's loss may add auxiliary terms (MoE balancing).
+                logits, _ = model(x)
             nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
             sums += torch.tensor([nats, y.numel(), self.token_bytes[y.cpu()].sum().item()], dtype=torch.float64)
         model.train(was_training)
