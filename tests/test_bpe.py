@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import regex
 
-tiktoken = pytest.importorskip("tiktoken")
+from conftest import reference  # noqa: E402
+
+tiktoken = reference("tiktoken")
 from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
 
 import bpe  # noqa: E402
@@ -110,7 +112,7 @@ def test_patterns_are_tiktokens(monkeypatch):
 def test_llama3_pattern_is_transformers():
     import inspect
 
-    TikTokenConverter = pytest.importorskip("transformers.convert_slow_tokenizer").TikTokenConverter
+    TikTokenConverter = reference("transformers.convert_slow_tokenizer").TikTokenConverter
 
     assert bpe.LLAMA3_PATTERN == inspect.signature(TikTokenConverter.__init__).parameters["pattern"].default
 

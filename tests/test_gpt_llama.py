@@ -8,7 +8,9 @@ import torch
 import gpt_llama
 from gpt_llama import Config, KVCache, Model, attention_reference, lm_loss, rope_tables, sample_next
 
-transformers = pytest.importorskip("transformers")
+from conftest import reference  # noqa: E402
+
+transformers = reference("transformers")
 
 
 @pytest.fixture(autouse=True, scope="module")
