@@ -53,10 +53,9 @@ class Config:
     dropout: float = 0.0
 
     def __post_init__(self):
+        check_decoder_fields(self)
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
 
 
 TASK = "causal_lm"  # data.py feeds it (B, T) token ids and the same ids shifted by one as targets
@@ -70,6 +69,50 @@ TRAIN_RECIPE = dict(
     warmup_steps=20,
     time_budget=300,
 )
+
+# The keys of a Llama 3 rope_scaling dict; rope_tables reads each of them.
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_decoder_fields(c):
+    """Raise a ValueError that names the field, for a value of Config c that no model can be built with.
+
+    train.py fills a Config from the command line (`--set dim=-5`, read with ast.literal_eval), so a
+    field may hold any number, string, list or None: the user must get one sentence, not a traceback
+    from deep inside torch.
+    """
+    require(c, "vocab_size dim n_layers n_heads n_kv_heads ffn_dim max_seq_len", int, "a positive integer",
+            lambda v: v > 0)
+    require(c, "head_dim", int, "None or a positive even integer (RoPE rotates pairs of coordinates)",
+            lambda v: v > 0 and v % 2 == 0, or_none=True)
+    require(c, "rope_theta norm_eps", (int, float), "a positive finite number", lambda v: 0 < v < math.inf)
+    require(c, "dropout", (int, float), "a number in [0, 1)", lambda v: 0 <= v < 1)
+    require(c, "tie_embeddings", bool, "True or False")
+    require(c, "rope_scaling", dict, "None or a dict of the positive numbers factor, low_freq_factor < "
+            "high_freq_factor and original_max_position_embeddings", is_llama3_scaling, or_none=True)
+    if c.n_heads % c.n_kv_heads:
+        raise ValueError(f"n_heads ({c.n_heads}) must be a multiple of n_kv_heads ({c.n_kv_heads})")
+    if c.head_dim is None and (c.dim % c.n_heads or c.dim // c.n_heads % 2):
+        raise ValueError(f"dim ({c.dim}) must be n_heads ({c.n_heads}) times an even number, or head_dim must be set")
+
+
+def require(config, names, kind, allowed, ok=lambda value: True, or_none=False):
+    """Raise a ValueError unless each field in names (separated by spaces) is of kind and passes ok."""
+    for name in names.split():
+        value = getattr(config, name)
+        if not (or_none and value is None or is_a(value, kind) and ok(value)):
+            raise ValueError(f"{name} must be {allowed}, not {value!r}")
+
+
+def is_llama3_scaling(s):
+    """Whether the dict s holds the keys LLAMA3_SCALING_KEYS and no other, with fitting numbers."""
+    positive = all(is_a(v, (int, float)) and 0 < v < math.inf for v in s.values())
+    return set(s) == set(LLAMA3_SCALING_KEYS) and positive and s["low_freq_factor"] < s["high_freq_factor"]
+
+
+def is_a(value, kind):
+    """isinstance, except that a bool is no number: n_layers=True is a mistake, not one layer."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
 class RMSNorm(nn.Module):
@@ -317,15 +360,16 @@ class Model(nn.Module):
     def _decode(self, tokens, pos, caches):
         """Logits (B, vocab_size) after tokens (B, T) at positions pos..pos+T, the past in caches.
 
-        The layers hold the caches only for the length of this call, so between two steps of a
-        stream the model is plain again: the caller may train it, call forward on it, or drop the
-        stream half-way without leaving stale state behind.
+        The layers hold the caches, and the model is in eval mode (no dropout), only for the length of
+        this call, so between two steps of a stream the model is as the caller left it: the caller may
+        train it, call forward on it, or drop the stream half-way without leaving stale state behind.
         """
-        was_training = self.training
+        # Each module's own mode, which a caller may have set apart from the model's, comes back after.
+        modes = [(module, module.training) for module in self.modules()] if self.training else []
         for layer, cache in zip(self.layers, caches):
             layer.attention.cache = cache
         try:
-            if was_training:
+            if modes:
                 self.eval()
             x = self.tok_embeddings(tokens)
             cos, sin = self.rope_cos[pos : pos + tokens.size(1)], self.rope_sin[pos : pos + tokens.size(1)]
@@ -335,8 +379,8 @@ class Model(nn.Module):
         finally:
             for layer in self.layers:
                 layer.attention.cache = None
-            if was_training:
-                self.train()
+            for module, training in modes:
+                module.training = training
 
     def generate(self, idx, max_new_tokens, **kwargs):
         """idx (B, T) followed by up to max_new_tokens new tokens: (B, T + n). Takes generate_stream's options."""
@@ -440,7 +484,6 @@ def config_from_hf(folder):
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise ValueError(f"{folder}: RoPE type {rope_type!r} is not supported; gpt_llama.py knows default and llama3")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     n_heads = hf["num_attention_heads"]
     return Config(
         vocab_size=hf["vocab_size"],
@@ -452,7 +495,7 @@ def config_from_hf(folder):
         ffn_dim=hf["intermediate_size"],
         max_seq_len=hf["max_position_embeddings"],
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        rope_scaling={k: rope[k] for k in keys} if rope_type == "llama3" else None,
+        rope_scaling={k: rope[k] for k in LLAMA3_SCALING_KEYS} if rope_type == "llama3" else None,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", False),
     )

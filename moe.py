@@ -79,14 +79,21 @@ class Config:
     capacity_factor: float | None = None  # None: dropless
 
     def __post_init__(self):
+        check_decoder_fields(self)  # the fields that gpt_llama.py's Config has too
+        require(self, "qkv_bias shared_expert_gate norm_topk", bool, "True or False")
+        require(self, "n_experts expert_dim shared_expert_dim moe_every", int, "a positive integer", lambda v: v > 0)
+        require(self, "n_shared_experts first_dense_layers", int, "an integer >= 0", lambda v: v >= 0)
+        require(self, "top_k", int, f"an integer from 1 to n_experts ({self.n_experts})",
+                lambda v: 1 <= v <= self.n_experts)
+        require(self, "score_func", str, "'softmax' or 'sigmoid'", lambda v: v in ("softmax", "sigmoid"))
+        require(self, "aux_loss_coef z_loss_coef bias_update_rate", (int, float), "a finite number >= 0",
+                lambda v: 0 <= v < math.inf)
+        require(self, "capacity_factor", (int, float), "None or a positive finite number", lambda v: 0 < v < math.inf,
+                or_none=True)
+        if self.shared_expert_gate and not self.n_shared_experts:
+            raise ValueError("shared_expert_gate needs n_shared_experts >= 1, the experts it gates")
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"top_k ({self.top_k}) must be between 1 and n_experts ({self.n_experts})")
-        if self.score_func not in ("softmax", "sigmoid"):
-            raise ValueError(f"score_func must be 'softmax' or 'sigmoid', not {self.score_func!r}")
 
     def is_moe_layer(self, i):
         return i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
@@ -108,6 +115,54 @@ TRAIN_RECIPE = dict(
     warmup_steps=20,
     time_budget=300,
 )
+
+# copied from gpt_llama.py: LLAMA3_SCALING_KEYS
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+# copied from gpt_llama.py: check_decoder_fields
+def check_decoder_fields(c):
+    """Raise a ValueError that names the field, for a value of Config c that no model can be built with.
+
+    train.py fills a Config from the command line (`--set dim=-5`, read with ast.literal_eval), so a
+    field may hold any number, string, list or None: the user must get one sentence, not a traceback
+    from deep inside torch.
+    """
+    require(c, "vocab_size dim n_layers n_heads n_kv_heads ffn_dim max_seq_len", int, "a positive integer",
+            lambda v: v > 0)
+    require(c, "head_dim", int, "None or a positive even integer (RoPE rotates pairs of coordinates)",
+            lambda v: v > 0 and v % 2 == 0, or_none=True)
+    require(c, "rope_theta norm_eps", (int, float), "a positive finite number", lambda v: 0 < v < math.inf)
+    require(c, "dropout", (int, float), "a number in [0, 1)", lambda v: 0 <= v < 1)
+    require(c, "tie_embeddings", bool, "True or False")
+    require(c, "rope_scaling", dict, "None or a dict of the positive numbers factor, low_freq_factor < "
+            "high_freq_factor and original_max_position_embeddings", is_llama3_scaling, or_none=True)
+    if c.n_heads % c.n_kv_heads:
+        raise ValueError(f"n_heads ({c.n_heads}) must be a multiple of n_kv_heads ({c.n_kv_heads})")
+    if c.head_dim is None and (c.dim % c.n_heads or c.dim // c.n_heads % 2):
+        raise ValueError(f"dim ({c.dim}) must be n_heads ({c.n_heads}) times an even number, or head_dim must be set")
+
+
+# copied from gpt_llama.py: require
+def require(config, names, kind, allowed, ok=lambda value: True, or_none=False):
+    """Raise a ValueError unless each field in names (separated by spaces) is of kind and passes ok."""
+    for name in names.split():
+        value = getattr(config, name)
+        if not (or_none and value is None or is_a(value, kind) and ok(value)):
+            raise ValueError(f"{name} must be {allowed}, not {value!r}")
+
+
+# copied from gpt_llama.py: is_llama3_scaling
+def is_llama3_scaling(s):
+    """Whether the dict s holds the keys LLAMA3_SCALING_KEYS and no other, with fitting numbers."""
+    positive = all(is_a(v, (int, float)) and 0 < v < math.inf for v in s.values())
+    return set(s) == set(LLAMA3_SCALING_KEYS) and positive and s["low_freq_factor"] < s["high_freq_factor"]
+
+
+# copied from gpt_llama.py: is_a
+def is_a(value, kind):
+    """isinstance, except that a bool is no number: n_layers=True is a mistake, not one layer."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
 # copied from gpt_llama.py: RMSNorm
@@ -444,19 +499,22 @@ class Model(nn.Module):
     def decode(self, tokens, pos, caches):
         """Logits (B, vocab_size) of the token after tokens (B, T) at positions pos..pos+T.
 
-        The caches are attached only for this call, and the model runs in eval mode (no token dropping,
-        no bias updates), so that a half-read stream leaves no state behind.
+        The caches are attached only for this call, and the model runs in eval mode (no dropout, no token
+        dropping, no bias updates), so that a half-read stream leaves no state behind.
         """
-        was_training = self.training
+        # Each module's own mode, which a caller may have set apart from the model's, comes back after.
+        modes = [(module, module.training) for module in self.modules()] if self.training else []
         for layer, cache in zip(self.layers, caches):
             layer.attention.cache = cache
         try:
-            self.eval()
+            if modes:
+                self.eval()
             return self(tokens, pos=pos)[0][:, -1]
         finally:
             for layer in self.layers:
                 layer.attention.cache = None
-            self.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kwargs):
@@ -586,7 +644,7 @@ def config_from_hf(hf):
         ffn_dim=hf["intermediate_size"],
         max_seq_len=min(hf["max_position_embeddings"], window or hf["max_position_embeddings"]),
         rope_theta=rope["rope_theta"],
-        rope_scaling=rope if rope.get("rope_type") == "llama3" else None,
+        rope_scaling={k: rope[k] for k in LLAMA3_SCALING_KEYS} if rope.get("rope_type") == "llama3" else None,
         norm_eps=hf["rms_norm_eps"],
         tie_embeddings=hf.get("tie_word_embeddings", False),
         qkv_bias=qwen and hf.get("qkv_bias", True),
