@@ -1,12 +1,13 @@
 """gpt_llama.py against Hugging Face transformers' LlamaForCausalLM, plus decoding, sampling and errors."""
 
 import json
+import math
 
 import pytest
 import torch
 
 import gpt_llama
-from gpt_llama import Config, KVCache, Model, attention_reference, lm_loss, rope_tables, sample_next
+from gpt_llama import TRAIN_RECIPE, Config, KVCache, Model, attention_reference, lm_loss, rope_tables, sample_next
 
 from conftest import reference  # noqa: E402
 
@@ -256,3 +257,81 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(llama))
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
         Model.from_pretrained(tmp_path)
+
+
+LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+# Each a single bad value, of the kinds that `--set key=value` (ast.literal_eval) can produce; the first
+# key is the field the message must name.
+BAD_CONFIGS = [
+    dict(vocab_size=0), dict(dim=-5), dict(dim=2.5), dict(dim="abc"), dict(dim=None), dict(n_layers=0),
+    dict(n_layers=True), dict(n_heads=0), dict(n_heads=[4]), dict(n_kv_heads=0), dict(n_kv_heads=3),
+    dict(n_kv_heads=8), dict(head_dim=7), dict(head_dim=0), dict(head_dim=16.0), dict(dim=66), dict(dim=36),
+    dict(ffn_dim=0), dict(ffn_dim=-1), dict(max_seq_len=0), dict(max_seq_len=128.0), dict(rope_theta=0),
+    dict(rope_theta=-1.0), dict(rope_theta=math.inf), dict(rope_theta=math.nan), dict(rope_theta="1e4"),
+    dict(rope_scaling={"factor": 8.0}), dict(rope_scaling={**LLAMA3_SCALING, "rope_type": "llama3"}),
+    dict(rope_scaling={**LLAMA3_SCALING, "factor": 0}), dict(rope_scaling={**LLAMA3_SCALING, "factor": True}),
+    dict(rope_scaling={**LLAMA3_SCALING, "high_freq_factor": 1.0}), dict(rope_scaling=[8.0, 1.0, 4.0, 16]),
+    dict(norm_eps=0), dict(norm_eps=-1e-5), dict(norm_eps=None), dict(tie_embeddings=1),
+    dict(tie_embeddings="yes"), dict(dropout=1.0), dict(dropout=-0.1), dict(dropout=True), dict(dropout="0.1"),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_CONFIGS, ids=repr)
+def test_bad_config_values_get_one_sentence_naming_the_field(bad):
+    """train.py turns a ValueError from Config into one line for the user; Model is never reached."""
+    with pytest.raises(ValueError) as error:
+        Config(**bad)
+    message = str(error.value)
+    assert next(iter(bad)) in message and "\n" not in message and " must " in message
+
+
+@pytest.mark.parametrize("good", [
+    dict(), TRAIN_RECIPE["config"], dict(n_kv_heads=4), dict(n_kv_heads=1), dict(dim=66, head_dim=2),
+    dict(dropout=0, rope_theta=500000, norm_eps=1e-6, tie_embeddings=False, rope_scaling=LLAMA3_SCALING),
+], ids=repr)
+def test_good_configs_still_build_and_run(good):
+    model = Model(Config(**good))
+    assert model(torch.zeros(1, 4, dtype=torch.long))[0].isfinite().all()
+
+
+@pytest.mark.parametrize("n_layers", [1, 12])
+def test_initial_weights_follow_gpt2_residual_scaling(n_layers):
+    """Every matrix starts as N(0, 0.02), except the two that write into the residual stream in each block
+    (attention's wo, SwiGLU's w2): N(0, 0.02 / sqrt(2 * n_layers)). Norm weights start at one."""
+    torch.manual_seed(0)
+    model = Model(Config(vocab_size=1000, dim=128, n_layers=n_layers, n_heads=4, n_kv_heads=2, ffn_dim=256,
+                         tie_embeddings=False))
+    residual = []
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+            continue
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            residual.append(name)
+            std = 0.02 / math.sqrt(2 * n_layers)
+        else:
+            std = 0.02
+        # at least 8192 samples each: the sample std is within 1% of the true one, the mean within 4 sigma
+        assert p.std().item() == pytest.approx(std, rel=0.05), name
+        assert abs(p.mean().item()) < 4 * std / math.sqrt(p.numel()), name
+    assert len(residual) == 2 * n_layers
+
+
+def test_decoding_in_train_mode_equals_decoding_in_eval_mode():
+    """Decoding turns dropout off whatever mode the model is in, and gives every module its own mode back."""
+    torch.manual_seed(0)
+    model = Model(Config(dropout=0.5)).eval()
+    idx = torch.randint(0, 512, (2, 6))
+    greedy = model.generate(idx, 20, temperature=0)
+    sampled = model.generate(idx, 20, temperature=1.0, top_k=50, seed=0)
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])  # dropout is on: the check below means something
+    model.layers[1].eval()  # a mix of modes that the caller chose, to be kept
+    modes = [m.training for m in model.modules()]
+    assert torch.equal(model.generate(idx, 20, temperature=0), greedy)
+    assert torch.equal(model.generate(idx, 20, temperature=1.0, top_k=50, seed=0), sampled)
+    stream = model.generate_stream(idx, 20, temperature=0)
+    assert next(stream).tolist() == greedy[:, 6].tolist()
+    assert [m.training for m in model.modules()] == modes  # also between two steps of a stream
+    assert torch.stack(list(stream), dim=1).tolist() == greedy[:, 7:].tolist()
+    assert [m.training for m in model.modules()] == modes
