@@ -268,7 +268,7 @@ BAD_CONFIGS = [
     dict(n_kv_heads=8), dict(head_dim=7), dict(head_dim=0), dict(head_dim=16.0), dict(dim=66), dict(dim=36),
     dict(ffn_dim=0), dict(ffn_dim=-1), dict(max_seq_len=0), dict(max_seq_len=128.0), dict(rope_theta=0),
     dict(rope_theta=-1.0), dict(rope_theta=math.inf), dict(rope_theta=math.nan), dict(rope_theta="1e4"),
-    dict(rope_scaling={"factor": 8.0}), dict(rope_scaling={**LLAMA3_SCALING, "rope_type": "llama3"}),
+    dict(rope_scaling={"factor": 8.0}), dict(rope_scaling={**LLAMA3_SCALING, "beta_fast": 32}),
     dict(rope_scaling={**LLAMA3_SCALING, "factor": 0}), dict(rope_scaling={**LLAMA3_SCALING, "factor": True}),
     dict(rope_scaling={**LLAMA3_SCALING, "high_freq_factor": 1.0}), dict(rope_scaling=[8.0, 1.0, 4.0, 16]),
     dict(norm_eps=0), dict(norm_eps=-1e-5), dict(norm_eps=None), dict(tie_embeddings=1),
