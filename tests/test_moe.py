@@ -1,6 +1,7 @@
 """moe.py against transformers' Mixtral and Qwen2-MoE; its dispatch and balancing against hand-written references."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -233,3 +234,180 @@ def test_metrics_of_a_collapsed_router_with_capacity():
     assert m["dropped"] == pytest.approx(1 - 2 * (n / 4) / (2 * n))
     assert m["dead"] == 6 and m["maxvio"] == pytest.approx(3.0) and m["cv"] == pytest.approx(3**0.5)
     assert m["aux_loss"] == pytest.approx(1.0)  # uniform probabilities: P_i = 1/E whatever f is
+
+
+# Each a single bad value; the first key is the field the message must name. dim and n_heads show that
+# the checks shared with gpt_llama.py run here too.
+BAD_CONFIGS = [
+    dict(dim=-5), dict(n_heads=0), dict(qkv_bias=1), dict(n_experts=0), dict(n_experts=8.0), dict(top_k=0),
+    dict(top_k=9), dict(top_k=True), dict(expert_dim=0), dict(n_shared_experts=-1), dict(shared_expert_dim=0),
+    dict(shared_expert_gate="yes"), dict(shared_expert_gate=True), dict(score_func="relu"), dict(score_func=None),
+    dict(norm_topk=None), dict(first_dense_layers=-1), dict(first_dense_layers=1.5), dict(moe_every=0),
+    dict(aux_loss_coef=-0.01), dict(aux_loss_coef=math.inf), dict(z_loss_coef=math.nan), dict(z_loss_coef="1e-3"),
+    dict(bias_update_rate=-1e-3), dict(bias_update_rate=False), dict(capacity_factor=0), dict(capacity_factor=-1.0),
+    dict(capacity_factor=math.inf), dict(capacity_factor="1.25"),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_CONFIGS, ids=repr)
+def test_bad_config_values_get_one_sentence_naming_the_field(bad):
+    """train.py turns a ValueError from Config into one line for the user; Model is never reached."""
+    with pytest.raises(ValueError) as error:
+        moe.Config(**bad)
+    message = str(error.value)
+    assert next(iter(bad)) in message and "\n" not in message
+
+
+@pytest.mark.parametrize("good", [
+    dict(), moe.TRAIN_RECIPE["config"], dict(top_k=8), dict(n_experts=1, top_k=1), dict(score_func="sigmoid"),
+    dict(n_shared_experts=2, shared_expert_gate=True), dict(capacity_factor=1, aux_loss_coef=0, z_loss_coef=0),
+    dict(first_dense_layers=2, moe_every=3),  # no MoE layer at all: a dense model
+], ids=repr)
+def test_good_configs_still_build_and_run(good):
+    model = moe.Model(moe.Config(**good)).train()
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    assert model(idx, idx)[1].isfinite()
+
+
+@pytest.mark.parametrize("n_layers, first_dense_layers, moe_every, expected", [
+    (4, 0, 1, [0, 1, 2, 3]),
+    (4, 1, 1, [1, 2, 3]),
+    (6, 0, 2, [1, 3, 5]),  # Hugging Face's decoder_sparse_step: layer i is sparse when (i + 1) % step == 0
+    (5, 1, 2, [1, 3]),
+    (6, 2, 2, [3, 5]),
+    (7, 1, 3, [2, 5]),
+    (3, 3, 1, []),
+])
+def test_moe_layer_placement(n_layers, first_dense_layers, moe_every, expected):
+    config = moe.Config(vocab_size=16, dim=16, n_heads=2, n_kv_heads=1, ffn_dim=8, expert_dim=8, n_experts=2, top_k=1,
+                        n_layers=n_layers, first_dense_layers=first_dense_layers, moe_every=moe_every)
+    layers = moe.Model(config).layers
+    assert [i for i, layer in enumerate(layers) if isinstance(layer.feed_forward, moe.MoE)] == expected
+    assert all(isinstance(layer.feed_forward, moe.FeedForward) for i, layer in enumerate(layers) if i not in expected)
+
+
+@pytest.mark.parametrize("n_layers", [1, 8])
+def test_initial_weights_follow_gpt2_residual_scaling(n_layers):
+    """As in gpt_llama.py: every matrix starts as N(0, 0.02), except those that write into the residual stream
+    (attention's wo, the experts' down, a dense or shared SwiGLU's w2): N(0, 0.02 / sqrt(2 * n_layers))."""
+    torch.manual_seed(0)
+    config = moe.Config(vocab_size=1000, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=256, n_layers=n_layers,
+                        first_dense_layers=n_layers // 2, n_experts=4, expert_dim=64, n_shared_experts=1,
+                        shared_expert_dim=64, qkv_bias=True, tie_embeddings=False)
+    residual = []
+    for name, p in moe.Model(config).named_parameters():
+        if p.dim() == 1:  # norms start at one, the query, key and value biases at zero
+            assert torch.equal(p, torch.ones_like(p) if name.endswith("norm.weight") else torch.zeros_like(p)), name
+            continue
+        if name.endswith(("attention.wo.weight", "feed_forward.down", "w2.weight")):
+            residual.append(name)
+            std = 0.02 / math.sqrt(2 * n_layers)
+        else:
+            std = 0.02
+        # within five standard errors: of the sample std about std / sqrt(2 n), of the mean std / sqrt(n)
+        assert p.std().item() == pytest.approx(std, rel=5 / math.sqrt(2 * p.numel())), name
+        assert abs(p.mean().item()) < 5 * std / math.sqrt(p.numel()), name
+    # per layer: wo, and w2 of the dense layer, or down and the shared expert's w2 of an MoE layer
+    assert len(residual) == 2 * n_layers + (n_layers - n_layers // 2)
+
+
+def expert_by_hand(layer, e, x):
+    """Expert e of an MoE layer on one token x (C,): down (silu(gate x) * up x)."""
+    gate, up = (layer.gate_up[e] @ x).chunk(2)
+    return layer.down[e] @ (torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("n_tokens, capacity_factor, capacity", [
+    (10, 1.0, 3),  # 1.0 * 10 * 2 / 8 = 2.5 assignments per expert: rounded up to 3 (round() would give 2)
+    (8, 1.0, 2),  # exactly 2: no rounding
+    (12, 1.25, 4),  # 3.75 -> 4
+    (10, 0.5, 2),  # 1.25 -> 2
+])
+def test_capacity_rounds_up_and_drops_the_later_tokens(n_tokens, capacity_factor, capacity):
+    """Capacity = ceil(capacity_factor * N * k / E). Every token picks experts 0 and 1 (zero router weights, so
+    equal scores, and the selection bias decides), so each of the two serves the first `capacity` tokens and
+    drops the rest, whose MoE output is zero: a dropped token keeps only its residual. At inference, none drop."""
+    torch.manual_seed(0)
+    config = moe.Config(dim=8, n_experts=8, top_k=2, expert_dim=4, capacity_factor=capacity_factor)
+    layer = moe.MoE(config).train()
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.gate_up)
+        torch.nn.init.normal_(layer.down)
+        layer.router.weight.zero_()
+        layer.router.bias.copy_(torch.tensor([2.0, 1.0, 0, 0, 0, 0, 0, 0]))
+        x = torch.randn(1, n_tokens, 8)
+        # equal scores, renormalised over the two chosen experts: weights 1/2 and 1/2
+        served = torch.stack([0.5 * expert_by_hand(layer, 0, t) + 0.5 * expert_by_hand(layer, 1, t) for t in x[0]])
+        y = layer(x)[0]
+        assert layer.dropped == pytest.approx((n_tokens - capacity) / n_tokens)
+        torch.testing.assert_close(y[:capacity], served[:capacity])
+        assert torch.equal(y[capacity:], torch.zeros_like(y[capacity:]))
+        layer.eval()
+        torch.testing.assert_close(layer(x)[0], served)
+        assert layer.dropped == 0
+
+
+@pytest.mark.parametrize("norm_topk", [False, True])
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_selection_bias_never_enters_the_mixing_weights(score_func, norm_topk):
+    """DeepSeek-V3's bias picks the experts; their weights are the unbiased scores of the picked experts."""
+    torch.manual_seed(0)
+    router = moe.Router(moe.Config(dim=8, n_experts=6, top_k=2, score_func=score_func, norm_topk=norm_topk))
+    with torch.no_grad():
+        torch.nn.init.normal_(router.weight)
+        router.bias.copy_(torch.tensor([0, 0, 0, 0, 50.0, 30.0]))  # experts 4 and 5 win whatever the scores
+    x = torch.randn(16, 8)
+    _, _, indices, weights = router(x)
+    assert indices.tolist() == [[4, 5]] * 16
+    logits = x @ router.weight.detach().T
+    if score_func == "softmax":
+        scores = logits.exp() / logits.exp().sum(dim=-1, keepdim=True)
+    else:
+        scores = 1 / (1 + (-logits).exp())
+    expected = scores[:, 4:6]
+    if norm_topk:
+        expected = expected / expected.sum(dim=-1, keepdim=True)
+    torch.testing.assert_close(weights, expected)
+
+
+def test_router_z_loss_hand_values():
+    """ST-MoE's z-loss: the mean over tokens of logsumexp(router logits) squared."""
+    # (0, 0): logsumexp ln 2; (ln 3, 0): ln 4 = 2 ln 2. Mean of the squares: (1 + 4) / 2 * (ln 2)^2.
+    logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])
+    assert moe.router_z_loss(logits).item() == pytest.approx(2.5 * math.log(2) ** 2)
+    # An MoE layer takes it of its router's logits, and the model adds z_loss_coef times the mean over layers.
+    torch.manual_seed(0)
+    config = moe.Config(vocab_size=16, dim=8, n_heads=2, n_kv_heads=1, n_layers=2, first_dense_layers=1, n_experts=3,
+                        top_k=1, aux_loss_coef=0.0, z_loss_coef=0.5)
+    model = moe.Model(config)
+    layer = model.moe_layers()[0]
+    inputs = []
+    layer.register_forward_hook(lambda module, args, output: inputs.append(args[0].reshape(-1, 8)))
+    idx = torch.randint(0, 16, (1, 5))
+    logits, loss = model(idx, idx)
+    W = layer.router.weight.tolist()
+    by_hand = [math.log(sum(math.exp(sum(w * v for w, v in zip(row, token))) for row in W)) ** 2
+               for token in inputs[0].tolist()]
+    assert layer.z_loss.item() == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-5)
+    assert (loss - moe.lm_loss(logits, idx)).item() == pytest.approx(0.5 * sum(by_hand) / len(by_hand), rel=1e-4)
+
+
+def test_decoding_in_train_mode_equals_decoding_in_eval_mode():
+    """Decoding runs in eval mode whatever mode the model is in: no dropout, no token dropped over capacity,
+    no update of the balancing bias; and every module gets its own mode back."""
+    torch.manual_seed(0)
+    config = moe.Config(n_layers=3, first_dense_layers=1, dropout=0.5, capacity_factor=0.5, bias_update_rate=0.1)
+    model = moe.Model(config).eval()
+    idx = torch.randint(0, 512, (2, 6))
+    greedy = model.generate(idx, 20, temperature=0)
+    sampled = model.generate(idx, 20, temperature=1.0, top_k=50, seed=0)
+    model.train()
+    model.layers[2].eval()  # a mix of modes that the caller chose, to be kept
+    modes = [m.training for m in model.modules()]
+    biases = [m.router.bias.clone() for m in model.moe_layers()]
+    assert torch.equal(model.generate(idx, 20, temperature=0), greedy)
+    assert torch.equal(model.generate(idx, 20, temperature=1.0, top_k=50, seed=0), sampled)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(m.router.bias, b) for m, b in zip(model.moe_layers(), biases))
+    model(idx)  # while a training forward pass drops tokens and moves the bias
+    assert model.metrics()["dropped"] > 0 and not torch.equal(model.moe_layers()[0].router.bias, biases[0])
