@@ -377,19 +377,23 @@ def test_router_z_loss_hand_values():
     assert moe.router_z_loss(logits).item() == pytest.approx(2.5 * math.log(2) ** 2)
     # An MoE layer takes it of its router's logits, and the model adds z_loss_coef times the mean over layers.
     torch.manual_seed(0)
-    config = moe.Config(vocab_size=16, dim=8, n_heads=2, n_kv_heads=1, n_layers=2, first_dense_layers=1, n_experts=3,
+    config = moe.Config(vocab_size=16, dim=8, n_heads=2, n_kv_heads=1, n_layers=3, first_dense_layers=1, n_experts=3,
                         top_k=1, aux_loss_coef=0.0, z_loss_coef=0.5)
     model = moe.Model(config)
-    layer = model.moe_layers()[0]
-    inputs = []
-    layer.register_forward_hook(lambda module, args, output: inputs.append(args[0].reshape(-1, 8)))
+    inputs = {}  # each MoE layer's input tokens (N, C)
+    for layer in model.moe_layers():
+        layer.register_forward_hook(lambda module, args, output: inputs.update({module: args[0].reshape(-1, 8)}))
     idx = torch.randint(0, 16, (1, 5))
     logits, loss = model(idx, idx)
-    W = layer.router.weight.tolist()
-    by_hand = [math.log(sum(math.exp(sum(w * v for w, v in zip(row, token))) for row in W)) ** 2
-               for token in inputs[0].tolist()]
-    assert layer.z_loss.item() == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-5)
-    assert (loss - moe.lm_loss(logits, idx)).item() == pytest.approx(0.5 * sum(by_hand) / len(by_hand), rel=1e-4)
+    z_losses = []
+    for layer in model.moe_layers():
+        W = layer.router.weight.tolist()
+        by_hand = [math.log(sum(math.exp(sum(w * v for w, v in zip(row, token))) for row in W)) ** 2
+                   for token in inputs[layer].tolist()]
+        z_losses.append(sum(by_hand) / len(by_hand))
+        assert layer.z_loss.item() == pytest.approx(z_losses[-1], rel=1e-5)
+    assert len(z_losses) == 2 and z_losses[0] != pytest.approx(z_losses[1])
+    assert (loss - moe.lm_loss(logits, idx)).item() == pytest.approx(0.5 * sum(z_losses) / 2, rel=1e-4)
 
 
 def test_decoding_in_train_mode_equals_decoding_in_eval_mode():
