@@ -6,8 +6,11 @@ A model file names its pipeline with TASK; PIPELINES maps that name to the class
 
 Every pipeline offers the same few methods, so train.py never needs to know which one it drives:
     model_config()       Config fields the data decides (the vocabulary size)
-    stream(...)          an IterableDataset of batches, dicts passed as model(**batch)
-    evaluate(...)        validation metrics, a dict of floats
+    check(config)        DataError unless both splits hold an example of the model's shape
+    unit(config)         what the log counts, e.g. ("tokens", tokens per example)
+    stream(config, ...)  an IterableDataset of batches, dicts passed as model(**batch)
+    evaluate(...)        validation metrics, a dict of floats whose first key is val_loss
+    eval_examples(...)   how many examples one evaluation reads, to plan a time budget
     demo(...)            a short sample to print at the end of training
     save(out_dir)        what sample.py needs besides the weights (the tokenizer)
 
@@ -149,7 +152,10 @@ def train_tokenizer(text, vocab_size, pattern=None):
     if (path / "tokenizer.json").exists():
         return bpe.Tokenizer.load(path), key
     print(f"training a {vocab_size}-token BPE tokenizer on {len(text):,} characters; cached in {path}", file=sys.stderr)
-    tokenizer = bpe.train(text, vocab_size, pattern=pattern)
+    try:
+        tokenizer = bpe.train(text, vocab_size, pattern=pattern)
+    except ValueError as e:  # a vocabulary size bpe.py cannot train, said in its own words
+        raise DataError(str(e)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}."))
     tokenizer.save(tmp)
@@ -266,23 +272,34 @@ class CausalLM:
     def model_config(self):
         return {"vocab_size": self.tokenizer.n_vocab}
 
-    def stream(self, seq_len, batch_size, **kwargs):
-        return WindowStream(self.train_tokens.filename, self.train_tokens.dtype, seq_len, batch_size, **kwargs)
+    def check(self, config):
+        seq_len = config.max_seq_len
+        for split, tokens in (("training", self.train_tokens), ("validation", self.val_tokens)):
+            if len(tokens) < seq_len + 1:
+                raise DataError(
+                    f"the {split} split has {len(tokens):,} tokens, too few for one window of {seq_len} + 1; "
+                    "use more text or a shorter context (--set max_seq_len=...)"
+                )
+
+    def unit(self, config):
+        return "tokens", config.max_seq_len
+
+    def stream(self, config, batch_size, **kwargs):
+        return WindowStream(self.train_tokens.filename, self.train_tokens.dtype, config.max_seq_len, batch_size, **kwargs)
+
+    def eval_examples(self, config, max_tokens=None):
+        n = (len(self.val_tokens) - 1) // config.max_seq_len
+        return min(n, max(1, max_tokens // config.max_seq_len)) if max_tokens else n
 
     @torch.no_grad()
-    def evaluate(self, model, seq_len, batch_size, device, autocast, max_tokens=None):
+    def evaluate(self, model, config, batch_size, device, autocast, max_tokens=None):
         """Mean validation cross-entropy (nats per token), perplexity and bits per byte, over whole windows.
 
         Under DDP each rank takes every world_size-th window and the sums are all-reduced.
         """
-        n = (len(self.val_tokens) - 1) // seq_len
-        if max_tokens:
-            n = min(n, max(1, max_tokens // seq_len))
-        if n < 1:
-            raise DataError(
-                f"the validation split has {len(self.val_tokens)} tokens, too few for one window of {seq_len}; "
-                "use more text or a shorter context"
-            )
+        self.check(config)
+        seq_len = config.max_seq_len
+        n = self.eval_examples(config, max_tokens)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         mine = np.arange(rank, n, world)
         span = np.arange(seq_len + 1)

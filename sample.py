@@ -14,6 +14,7 @@ import argparse
 import ast
 import codecs
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,9 @@ import torch
 
 import data
 import train
+
+
+DEFAULT_NEW_TOKENS = 200
 
 
 class CliError(Exception):
@@ -41,7 +45,7 @@ def model_for_architecture(architecture):
 def load_trained(folder):
     """(model, tokenizer, eos_id) from a folder that train.py wrote."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_model, safe_open
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -50,7 +54,10 @@ def load_trained(folder):
         saved = json.loads((folder / "config.json").read_text())
         module = train.import_model(saved["model"])
         model = module.Model(module.Config(**saved["config"]))
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            metadata = f.metadata()
         load_model(model, folder / "model.safetensors")
+        train.check_weights(model, folder / "model.safetensors", metadata)
         tokenizer = data.load_tokenizer(folder)
     except train.CliError:
         raise
@@ -90,8 +97,8 @@ def stream(model, tokenizer, prompt, args, device, eos_id):
         raise CliError("the prompt is empty; give at least one character")
     if len(ids) >= context:
         raise CliError(f"the prompt is {len(ids)} tokens long but the model's context is {context}; shorten it")
-    n = min(args.max_new_tokens, context - len(ids))
-    if n < args.max_new_tokens:
+    n = min(args.max_new_tokens or DEFAULT_NEW_TOKENS, context - len(ids))
+    if args.max_new_tokens and n < args.max_new_tokens:
         print(f"note: generating {n} tokens, what is left of the {context}-token context", file=sys.stderr)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
@@ -119,7 +126,7 @@ def parse_args(argv):
     p.add_argument("folder", nargs="?", help="a folder written by train.py (e.g. out/gpt_llama)")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder instead (config.json, safetensors, tokenizer.model)")
     p.add_argument("--prompt", default=None, help="text to continue; without it, read one prompt per line from stdin until EOF")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (at most what the context leaves)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens to generate (default: {DEFAULT_NEW_TOKENS}, or what the context leaves)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 for all")
     p.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of tokens of this total probability")
@@ -128,8 +135,16 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if (args.folder is None) == (args.hf is None):
         raise CliError("pass either a folder written by train.py or --hf DIR")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CliError("--max-new-tokens must be at least 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise CliError(f"--temperature must be 0 (greedy) or a positive number, got {args.temperature}")
+    if args.top_k < 0:
+        raise CliError(f"--top-k must be 0 (all tokens) or more, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CliError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise CliError(f"--seed must be 0 or more, got {args.seed}")
     args.top_k = args.top_k or None
     return args
 

@@ -14,37 +14,54 @@ including data preparation, evaluation, sampling and saving: the number of steps
 the measured step time, re-estimated every 10 steps, and training stops early enough for the final
 evaluation. The cosine schedule decays over that estimate, which the checkpoint keeps for resuming.
 
-Checkpoints go to --out (default out/<model>), written atomically: model.safetensors (weights),
-config.json (model name and Config), the tokenizer, state.pt (optimizer, step, schedule, RNG state,
-data position; torch.load(weights_only=True) reads it), metrics.jsonl and loss.png (with matplotlib).
-Running the same command again resumes from state.pt; the data order depends only on (seed, step),
-so a resumed run ends with the same weights as an uninterrupted one. SIGINT and SIGTERM save and exit.
+Checkpoints go to --out (default out/<model>, or out/<model>-<name of --data>), written atomically:
+model.safetensors (weights), config.json (model name and Config), the tokenizer, state.pt (optimizer,
+step, schedule, RNG state, data position; torch.load(weights_only=True) reads it), metrics.jsonl and
+loss.png (with matplotlib). The weights and the state carry a sha256 of their content, checked when
+they are read, so a flipped byte is caught rather than trained on. Running the same command again
+resumes from state.pt; the data order depends only on (seed, step), so a resumed run ends with the
+same weights as an uninterrupted one. SIGINT and SIGTERM save and exit. A run that fails before its
+first checkpoint removes what it wrote.
 
 MFU is flops_per_token * tokens/s / peak FLOP/s of the devices. The peak is known only for the CUDA
 GPUs in PEAK_BF16_FLOPS (dense bf16) or given by --peak-flops; otherwise MFU is shown as "-".
 """
 
+import signal
+import sys
 import time
 
 START = time.time()  # the time budget counts from here, so it covers importing torch too
+INTERRUPTED = []
+if __name__ == "__main__":
+    # Ctrl-C while torch imports would raise inside its import machinery, print a traceback from
+    # there and can leave a half-imported module behind; note the signal and stop once imports end.
+    signal.signal(signal.SIGINT, lambda signum, frame: INTERRUPTED.append(signum))
 
 import argparse  # noqa: E402
-import ast
-import contextlib
-import dataclasses
-import importlib
-import json
-import math
-import os
-import signal
-import sys
-from pathlib import Path
+import ast  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import torch
-import torch.distributed as dist
-import torch.nn as nn
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
-import data
+import data  # noqa: E402
+
+if __name__ == "__main__":
+    if INTERRUPTED:
+        print("\ninterrupted while starting; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -155,7 +172,7 @@ def parse_args(argv):
     )
     p.add_argument("--model", default=name, help=f"model file, one of: {', '.join(choices)}")
     p.add_argument("--data", default=None, help="text file, folder of .txt files, glob or http(s) URL (default: the stdlib's pydoc_data.topics)")
-    p.add_argument("--out", default=None, help="output folder (default: out/<model>)")
+    p.add_argument("--out", default=None, help="output folder (default: out/<model> for the built-in data, out/<model>-<name of --data> otherwise)")
     p.add_argument("--fresh", action="store_true", help="start over even if --out holds a checkpoint")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps; fixes the schedule length and turns the time budget off unless --time-budget is given")
     p.add_argument("--time-budget", type=float, default=None, help=f"seconds of wall time for the whole run, 0 for none (default: {r['time_budget']} unless --max-steps)")
@@ -173,7 +190,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     p.add_argument("--eval-every", type=int, default=r["eval_every"], help="steps between evaluations, 0 for only at the end")
     p.add_argument("--eval-tokens", type=int, default=r["eval_tokens"], help="validation tokens per evaluation, 0 for all")
-    p.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints (one is always written at the end)")
+    p.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints, 0 for only at the end")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines when stdout is not a terminal")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -193,12 +210,65 @@ def parse_args(argv):
     args.overrides = overrides
     if args.time_budget is None:
         args.time_budget = 0 if args.max_steps is not None else r["time_budget"]
+    check_flags(args)
+    return args
+
+
+# flag: (lowest, highest, what the range means); None leaves that side open. Each flag's value must
+# also be finite, so that nan and inf, which argparse's float() accepts, never reach the optimizer.
+FLAG_RANGES = {
+    "batch_size": (1, None, "at least 1"),
+    "grad_accum": (1, None, "at least 1"),
+    "max_steps": (1, None, "at least 1"),
+    "time_budget": (0, None, "0 (none) or a positive number of seconds"),
+    "lr": (0, None, "a positive number such as 1e-3"),
+    "min_lr_ratio": (0, 1, "between 0 and 1"),
+    "warmup_steps": (0, None, "0 or more"),
+    "weight_decay": (0, None, "0 or more"),
+    "beta1": (0, 1, "in [0, 1)"),
+    "beta2": (0, 1, "in [0, 1)"),
+    "grad_clip": (0, None, "0 (none) or more"),
+    "vocab_size": (256, 2**31 - 1, "at least 256, the byte tokens that every vocabulary starts with"),
+    "seed": (0, 2**32 - 1, "between 0 and 2**32 - 1"),
+    "eval_every": (0, None, "0 (only at the end) or more"),
+    "eval_tokens": (0, None, "0 (all) or more"),
+    "ckpt_every": (0, None, "0 (only at the end) or more"),
+    "log_every": (1, None, "at least 1"),
+    "threads": (0, None, "0 (automatic) or more"),
+    "workers": (0, None, "0 or more"),
+    "peak_flops": (0, None, "a positive number of FLOP/s"),
+    "sample_tokens": (0, None, "0 (no sample) or more"),
+}
+OPEN_AT_ZERO = {"lr", "peak_flops"}  # these must be above their lowest value, not equal to it
+OPEN_AT_ONE = {"beta1", "beta2"}  # beta 1 would make Adam's moving averages never move
+
+
+def check_flags(args):
+    """Every numeric flag in range, before anything is read or written."""
+    for flag, (low, high, allowed) in FLAG_RANGES.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        bad = not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
+        bad = bad or (flag in OPEN_AT_ZERO and value == low) or (flag in OPEN_AT_ONE and value == high)
+        if bad:
+            raise CliError(f"--{flag.replace('_', '-')} must be {allowed}, got {value}")
     if not args.time_budget and args.max_steps is None:
         raise CliError("with --time-budget 0, give --max-steps, or the run would never end")
-    for flag in ("batch_size", "grad_accum", "max_steps"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise CliError(f"--{flag.replace('_', '-')} must be at least 1")
-    return args
+
+
+def default_out(model, source):
+    """out/<model> for the built-in data; out/<model>-<name> for --data, so that a run on other data
+    never lands in (and is refused by) the folder of an earlier run."""
+    if source is None:
+        return Path("out") / model
+    if source.startswith(("http://", "https://")):
+        name = Path(source.split("?")[0].rstrip("/")).stem or source.split("/")[2]
+    else:
+        parts = [p for p in Path(source).expanduser().parts if not any(c in p for c in "*?[")]
+        name = Path(parts[-1]).stem if parts else "data"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "data"
+    return Path("out") / f"{model}-{name}"
 
 
 # ------------------------------------------------------------------------------------ training
@@ -217,6 +287,8 @@ def pick_device(name):
         raise CliError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda was asked for, but torch sees no CUDA GPU")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError("--device mps was asked for, but torch sees no Apple GPU")
     return device
 
 
@@ -229,7 +301,7 @@ def peak_flops(device, override):
     return None
 
 
-def make_optimizer(model, args, device):
+def make_optimizer(model, args):
     """AdamW; matrices decay, norms, biases and embeddings (tied or not) do not."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
@@ -259,6 +331,14 @@ def format_seconds(s):
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def format_eval(result):
+    """'val loss 4.1093 | ppl 60.91 | bpb 1.6902' from {"val_loss": ..., "val_ppl": ..., "val_bpb": ...}."""
+    return " | ".join(
+        ("val loss" if k == "val_loss" else k.removeprefix("val_").replace("_", " ")) + f" {v:.4f}"
+        for k, v in result.items()
+    )
+
+
 class Progress:
     """A single updating line on a terminal, plain lines every log_every steps otherwise."""
 
@@ -286,31 +366,79 @@ class Progress:
 # ------------------------------------------------------------------------------------ checkpoints
 
 
+def content_digest(obj, h=None):
+    """sha256 over a nested structure of dicts, lists, tensors and plain values, in a fixed order.
+
+    Stored beside the weights and in the training state, and recomputed when they are read: a
+    flipped byte inside a tensor leaves a file that loads, and only its content can tell.
+    """
+    top = h is None
+    h = hashlib.sha256() if top else h
+    if isinstance(obj, dict):
+        h.update(b"{%d" % len(obj))
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            content_digest(obj[key], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[%d" % len(obj))
+        for item in obj:
+            content_digest(item, h)
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest() if top else None
+
+
+def weights_digest(model):
+    return content_digest(model.state_dict())
+
+
+def check_weights(model, path, metadata):
+    """Raise ValueError when the weights just loaded from path differ from the digest saved with them."""
+    saved = (metadata or {}).get("sha256")
+    if saved is not None and saved != weights_digest(model):
+        raise ValueError(f"the content of {path} does not match its checksum, so the file was damaged after it was written")
+
+
 def save_checkpoint(out, model, optimizer, config, name, task, state):
     """model.safetensors, config.json and state.pt, each written to a temp file and moved into place."""
     from safetensors.torch import save_model
 
-    step = str(state["step"])
-    data.atomic_write(out / "model.safetensors", lambda tmp: save_model(model, tmp, metadata={"step": step}))
+    metadata = {"step": str(state["step"]), "sha256": weights_digest(model)}
+    data.atomic_write(out / "model.safetensors", lambda tmp: save_model(model, tmp, metadata=metadata))
     config_json = json.dumps({"model": name, "task": task, "config": dataclasses.asdict(config)}, indent=2)
     data.atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(config_json + "\n"))
     state = {**state, "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}}
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    state["sha256"] = content_digest(state)
     data.atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(out, model, config, name, fingerprint):
+def read_state(out):
+    """The training state in out/state.pt, checked against its own checksum."""
+    path = out / "state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file fails in many ways; all mean the same here
+        raise CliError(f"the checkpoint {path} is corrupt or truncated ({type(e).__name__}); delete it or pass --fresh") from None
+    if not isinstance(state, dict) or "step" not in state or "config" not in state:
+        raise CliError(f"{path} is not a training state of train.py; delete it or pass --fresh")
+    saved = state.pop("sha256", None)
+    if saved is not None and saved != content_digest(state):
+        raise CliError(f"the checkpoint {path} is corrupt: its content does not match its checksum; delete it or pass --fresh")
+    return state
+
+
+def load_checkpoint(out, model, config, name, fingerprint, run):
     """The training state in out, after checking it belongs to this run and loading the weights."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model, safe_open
 
-    try:
-        state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file fails in many ways; all mean the same here
-        raise CliError(f"the checkpoint {out / 'state.pt'} is corrupt or truncated ({type(e).__name__}); delete it or pass --fresh") from None
-    if not isinstance(state, dict) or "step" not in state or "config" not in state:
-        raise CliError(f"{out / 'state.pt'} is not a training state of train.py; delete it or pass --fresh")
+    state = read_state(out)
     mine = dataclasses.asdict(config)
     if state.get("model") != name or state["config"] != mine:
         diff = [f"{k} {state['config'].get(k)} vs {mine[k]}" for k in mine if state["config"].get(k) != mine[k]]
@@ -318,14 +446,22 @@ def load_checkpoint(out, model, config, name, fingerprint):
         raise CliError(f"{out} holds a checkpoint of {what}; use another --out, the same settings, or --fresh")
     if state.get("data") and state["data"].get("fingerprint") != fingerprint:
         raise CliError(f"{out} holds a checkpoint trained on other data or another tokenizer; use another --out or --fresh")
+    # The data order and the meaning of a step depend on these; a run resumed with others would
+    # quietly become another run (torchrun on a single-process folder, say).
+    saved_run = state.get("run", run)
+    if saved_run != run:
+        diff = ", ".join(f"{k.replace('_', ' ')} {saved_run.get(k)} (now {run[k]})" for k in run if saved_run.get(k) != run[k])
+        raise CliError(f"{out} holds a run with {diff}; use another --out, the same settings, or --fresh")
+    path = out / "model.safetensors"
     try:
-        with safe_open(out / "model.safetensors", "pt") as f:
-            weights_step = (f.metadata() or {}).get("step")
-        load_model(model, out / "model.safetensors")
-    except (OSError, SafetensorError, RuntimeError) as e:
-        raise CliError(f"the weights {out / 'model.safetensors'} are missing, corrupt or truncated ({type(e).__name__}); delete state.pt or pass --fresh") from None
-    if weights_step != str(state["step"]):
-        raise CliError(f"{out} holds weights of step {weights_step} but a training state of step {state['step']}; delete state.pt or pass --fresh")
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        load_model(model, path)
+        check_weights(model, path, metadata)
+    except (OSError, SafetensorError, RuntimeError, ValueError) as e:
+        raise CliError(f"the weights {path} are missing, corrupt or truncated ({e}); delete state.pt or pass --fresh") from None
+    if metadata.get("step") != str(state["step"]):
+        raise CliError(f"{out} holds weights of step {metadata.get('step')} but a training state of step {state['step']}; delete state.pt or pass --fresh")
     return state
 
 
@@ -334,6 +470,9 @@ def trim_metrics(path, step):
     if path.exists():
         keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
         data.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+
+
+RUN_FILES = ("state.pt", "model.safetensors", "config.json", "metrics.jsonl", "loss.png")
 
 
 def plot_losses(out):
@@ -364,265 +503,358 @@ def plot_losses(out):
     return out / "loss.png"
 
 
-# ------------------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------------------------ the run
 
 
-def train(args):
-    module = import_model(args.model)
-    task = getattr(module, "TASK")
-    out = Path(args.out or Path("out") / args.model)
+class Run:
+    """Everything one training run holds; the pieces the loop in train() calls.
 
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = pick_device(args.device)
-    threads = args.threads
-    if not threads and device.type == "cpu" and not ddp and os.getloadavg()[0] >= (os.cpu_count() or 1):
-        threads = 1
-    if threads:
-        torch.set_num_threads(threads)
-    if ddp:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    main_rank = rank == 0
-    log = print if main_rank else (lambda *a, **k: None)
+    Construction checks every input and builds the data, the model and the optimizer, resuming from
+    --out when it holds a checkpoint; nothing is written before all of that has succeeded.
+    """
 
-    # Everything that can be wrong with the input is checked before anything is written.
-    wandb = None
-    if args.wandb and main_rank:
+    def __init__(self, args):
+        self.args = args
+        self.module = import_model(args.model)
+        self.task = self.module.TASK
+        self.out = Path(args.out) if args.out else default_out(args.model, args.data)
+        self._distributed()
+        self._data_and_model()
+        self.state = None
+        if (self.out / "state.pt").exists() and not args.fresh:
+            self.state = load_checkpoint(self.out, self.model, self.config, args.model, self.pipe.fingerprint, self.run_settings())
+        self.already_finished = bool(self.state and self.state.get("finished")
+                                     and (args.max_steps is None or args.max_steps <= self.state["step"]))
+        if self.already_finished:
+            return
+        self._prepare_output()
+        self._optimizer_and_state()
+        self._loader()
+
+    # -- setup
+
+    def _distributed(self):
+        args = self.args
+        self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.device = pick_device(args.device)
+        threads = args.threads
+        if not threads and self.device.type == "cpu" and not self.ddp and os.getloadavg()[0] >= (os.cpu_count() or 1):
+            threads = 1
+        if threads:
+            torch.set_num_threads(threads)
+        if self.ddp:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.ddp else (0, 1)
+        self.main_rank = self.rank == 0
+        self.log = print if self.main_rank else (lambda *a, **k: None)
+        self.wandb = None
+        if args.wandb and self.main_rank:
+            try:
+                import wandb
+            except ImportError:
+                raise CliError("--wandb needs the wandb package; install it with pip install wandb") from None
+            self.wandb = wandb
+
+    def _data_and_model(self):
+        args = self.args
+        if self.ddp and not self.main_rank:
+            dist.barrier()  # rank 0 trains and caches the tokenizer and token files first
+        self.pipe = data.pipeline(self.task, source=args.data, vocab_size=args.vocab_size)
+        if self.ddp and self.main_rank:
+            dist.barrier()
+        self.config = build_config(self.module, {**args.overrides, **self.pipe.model_config()})
+        self.pipe.check(self.config)  # both splits hold at least one example of the model's shape
+        torch.manual_seed(args.seed)
         try:
-            import wandb
-        except ImportError:
-            raise CliError("--wandb needs the wandb package; install it with pip install wandb") from None
-    if ddp and not main_rank:
-        dist.barrier()  # rank 0 trains and caches the tokenizer and token files first
-    pipe = data.pipeline(task, source=args.data, vocab_size=args.vocab_size)
-    if ddp and main_rank:
-        dist.barrier()
-    config = build_config(module, {**args.overrides, **pipe.model_config()})
-    torch.manual_seed(args.seed)
-    try:
-        model = module.Model(config)
-    except ValueError as e:
-        raise CliError(f"invalid config: {e}") from None
-    seq_len = config.max_seq_len
-    state = None
-    if (out / "state.pt").exists() and not args.fresh:
-        state = load_checkpoint(out, model, config, args.model, pipe.fingerprint)
-        if state.get("finished") and (args.max_steps is None or args.max_steps <= state["step"]):
-            log(f"{out} already holds a finished run of {state['step']} steps; pass --fresh to train again or a larger --max-steps to go on")
-            return 0
-    if main_rank:
+            self.model = self.module.Model(self.config)
+        except ValueError as e:
+            raise CliError(f"invalid config: {e}") from None
+
+    def run_settings(self):
+        """What fixes the data order and the size of a step; a resumed run must keep them."""
+        a = self.args
+        return {"processes": self.world, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "seed": a.seed}
+
+    def _prepare_output(self):
+        """Check that out is writable; with --fresh, remove the old run, state first."""
+        self.created = []  # files and the folder this run made before its first checkpoint
+        self.saved = False
+        if not self.main_rank:
+            return
+        existed = self.out.exists()
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write-test"
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            raise CliError(f"cannot write to the output folder {out} ({e.strerror or e}); pick another --out") from None
+            raise CliError(f"cannot write to the output folder {self.out} ({e.strerror or e}); pick another --out") from None
+        if self.args.fresh:
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
+        self.before = set(self.out.iterdir())
+        self.created_folder = not existed
 
-    model.to(device)
-    optimizer = make_optimizer(model, args, device)
-    step, total_steps, elapsed_before = 0, args.max_steps, 0.0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed_before = state["step"], state.get("elapsed", 0.0)
-        total_steps = args.max_steps if args.max_steps is not None else state.get("total_steps")
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        log(f"resuming {out} at step {step}")
-    else:
-        torch.manual_seed(args.seed + rank)  # weights are equal on all ranks; dropout differs
-    if rank != 0 and state is not None:  # the checkpoint holds rank 0's RNG state only
-        torch.manual_seed(args.seed + rank + 7919 * step)
-    if main_rank:
-        if state is None:
-            (out / "metrics.jsonl").write_text("")
+    def _optimizer_and_state(self):
+        args, state = self.args, self.state
+        self.model.to(self.device)
+        self.optimizer = make_optimizer(self.model, args)
+        self.step, self.total_steps, self.elapsed_before = 0, args.max_steps, 0.0
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step, self.elapsed_before = state["step"], state.get("elapsed", 0.0)
+            self.total_steps = args.max_steps if args.max_steps is not None else state.get("total_steps")
+            torch.set_rng_state(state["rng"]["torch"])
+            if "cuda" in state["rng"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            self.log(f"resuming {self.out} at step {self.step}")
         else:
-            trim_metrics(out / "metrics.jsonl", step)
-        pipe.save(out)
+            torch.manual_seed(args.seed + self.rank)  # weights are equal on all ranks; dropout differs
+        if self.rank != 0 and state is not None:  # the checkpoint holds rank 0's RNG state only
+            torch.manual_seed(args.seed + self.rank + 7919 * self.step)
+        if self.main_rank:
+            if state is None:
+                (self.out / "metrics.jsonl").write_text("")
+            else:
+                trim_metrics(self.out / "metrics.jsonl", self.step)
+            self.pipe.save(self.out)
 
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    )
-    stream = pipe.stream(
-        seq_len, args.batch_size, seed=args.seed, start_step=step, rank=rank, world_size=world, grad_accum=args.grad_accum
-    )
-    workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        # Its own generator: the default one would take a number from the global RNG, which
-        # dropout uses, and shift a resumed run's random stream by one draw.
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    batches = iter(loader)
+    def _loader(self):
+        args, device = self.args, self.device
+        self.raw_model = self.model
+        if args.compile:
+            self.model = torch.compile(self.model)
+        if self.ddp:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+        )
+        stream = self.pipe.stream(self.config, args.batch_size, seed=args.seed, start_step=self.step, rank=self.rank,
+                                  world_size=self.world, grad_accum=args.grad_accum)
+        workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+            # Its own generator: the default one would take a number from the global RNG, which
+            # dropout uses, and shift a resumed run's random stream by one draw.
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        self.batches = iter(loader)
+        self.unit, per_example = self.pipe.unit(self.config)
+        self.units_per_step = self.world * args.grad_accum * args.batch_size * per_example
+        flops = getattr(self.raw_model, "flops_per_token", None)
+        self.flops = flops() if flops else None
+        self.peak = peak_flops(device, args.peak_flops)
+        self.budget = args.time_budget
+        self.reserve = 5.0 + (3.0 if args.sample_tokens else 0.0)  # final save, plot, sample and a margin
+        self.eval_seconds, self.n_evals = 0.0, 0
+        self.progress = Progress(args.log_every, self.main_rank)
+        self.run_start_step, self.run_start_time = self.step, time.time()
+        self.window_time, self.window_step = time.time(), self.step
+        self.first_step_time = None  # the first step pays for warming up allocators and caches; time from after it
+        self.per_step = 0.0
+        self.signal = None
 
-    tokens_per_step = world * args.grad_accum * args.batch_size * seq_len
-    flops = getattr(raw_model, "flops_per_token", None)
-    flops = flops() if flops else None
-    peak = peak_flops(device, args.peak_flops)
-    n_params = raw_model.num_params() if hasattr(raw_model, "num_params") else sum(p.numel() for p in raw_model.parameters())
-    log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {pipe.describe()}, context {seq_len}, "
-        f"{tokens_per_step:,} tokens per step on {world} x {device.type}"
-        + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else ""))
-    if wandb is not None:
-        wandb.init(project=args.wandb, config={**vars(args), "config": dataclasses.asdict(config)})
+    def start(self):
+        raw, args = self.raw_model, self.args
+        n_params = raw.num_params() if hasattr(raw, "num_params") else sum(p.numel() for p in raw.parameters())
+        self.log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {self.pipe.describe()}, "
+                 f"{self.units_per_step:,} {self.unit} per step on {self.world} x {self.device.type}"
+                 + (f" ({torch.get_num_threads()} CPU threads)" if self.device.type == "cpu" else ""))
+        if self.wandb is not None:
+            self.wandb.init(project=args.wandb, config={**vars(args), "config": dataclasses.asdict(self.config)})
 
-    def record(entry):
-        if main_rank:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            if wandb is not None:
-                wandb.log(entry, step=entry["step"])
+        def on_signal(signum, frame):
+            self.signal = signum
 
-    def evaluate():
-        t = time.time()
-        result = pipe.evaluate(raw_model, seq_len, args.batch_size, device, autocast, max_tokens=args.eval_tokens)
-        return result, time.time() - t
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        self.model.train()
 
-    def checkpoint(finished=False):
-        if main_rank:
-            save_checkpoint(out, raw_model, optimizer, config, args.model, task, {
-                "step": step, "total_steps": total_steps, "elapsed": elapsed(), "finished": finished,
-                "model": args.model, "config": dataclasses.asdict(config),
-                "data": {"seed": args.seed, "step": step, "fingerprint": pipe.fingerprint},
-            })
-        if ddp:
-            dist.barrier()
+    # -- the pieces of the loop
 
-    def elapsed():
-        return elapsed_before + time.time() - START
+    def elapsed(self):
+        return self.elapsed_before + time.time() - START
 
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    budget = args.time_budget
-    reserve = 5.0 + (3.0 if args.sample_tokens else 0.0)  # final save, plot, sample and a margin
-    eval_seconds, n_evals = 0.0, 0
-    progress = Progress(args.log_every, main_rank)
-    run_start_step, run_start_time = step, time.time()
-    window_time, window_step = time.time(), step
-
-    def eval_estimate(train_seconds_per_step):
+    def eval_estimate(self):
         """Seconds of one evaluation: measured, or guessed as a forward pass at three times training speed."""
-        if n_evals:
-            return eval_seconds / n_evals
-        return min(args.eval_tokens or 10**9, len(getattr(pipe, "val_tokens", ()))) * train_seconds_per_step / tokens_per_step / 3
+        if self.n_evals:
+            return self.eval_seconds / self.n_evals
+        examples = self.pipe.eval_examples(self.config, self.args.eval_tokens)
+        return examples * self.per_step / (self.units_per_step / self.pipe.unit(self.config)[1]) / 3
 
-    model.train()
-    first_step_time = None  # the first step pays for warming up allocators and caches; time from after it
-    while True:
-        done = step - run_start_step
-        per_step = (time.time() - first_step_time - eval_seconds) / (done - 1) if done > 1 else 0.0
-        if budget and args.max_steps is None and done >= 6 and (done % 10 == 6 or step >= (total_steps or 0)):
-            # The schedule's length from the time left, counting the evaluations still to come;
-            # refreshed every 10 steps, and at the planned end in case the machine sped up.
-            per_step_all = per_step + (eval_estimate(per_step) / args.eval_every if args.eval_every else 0.0)
-            left = budget - elapsed() - reserve - eval_estimate(per_step)
-            total_steps = step + max(0, int(left / per_step_all))
-        if total_steps is not None and step >= total_steps:
-            break
-        lr = lr_at(step, args, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
+    def plan(self):
+        """Refresh the schedule's length from the time left, counting the evaluations still to come:
+        every 10 steps, and at the planned end in case the machine sped up. True when the run is over."""
+        args = self.args
+        done = self.step - self.run_start_step
+        if done > 1:
+            self.per_step = (time.time() - self.first_step_time - self.eval_seconds) / (done - 1)
+        if self.budget and args.max_steps is None and done >= 6 and (done % 10 == 6 or self.step >= (self.total_steps or 0)):
+            per_step_all = self.per_step + (self.eval_estimate() / args.eval_every if args.eval_every else 0.0)
+            left = self.budget - self.elapsed() - self.reserve - self.eval_estimate()
+            self.total_steps = self.step + max(0, int(left / per_step_all))
+        return self.total_steps is not None and self.step >= self.total_steps
+
+    def train_step(self):
+        """One optimizer step over grad_accum micro-batches; True when every rank should stop after it."""
+        args, model = self.args, self.model
+        self.lr = lr_at(self.step, args, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        loss_sum = torch.zeros((), device=self.device)
         for micro in range(args.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            sync = micro == args.grad_accum - 1 or not ddp
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
+            sync = micro == args.grad_accum - 1 or not self.ddp
+            with (contextlib.nullcontext() if sync else model.no_sync()), self.autocast():
                 _, loss = model(**batch)
             (loss / args.grad_accum).backward()
             loss_sum += loss.detach().float()
         # Stop when one more step would run into the time kept for the final evaluation and saving.
-        over_time = bool(budget) and elapsed() + per_step > budget - reserve - eval_estimate(per_step)
+        over_time = bool(self.budget) and self.elapsed() + self.per_step > self.budget - self.reserve - self.eval_estimate()
         # One small all-reduce per step carries the loss, a non-finite flag and a stop request, so that
         # every rank takes the same decision; reading it back is the step's one wait for the device.
         step_loss = loss_sum.item() / args.grad_accum
         flags = torch.tensor(
-            [step_loss, float(not math.isfinite(step_loss)), float(stop["signal"] is not None or over_time)],
-            dtype=torch.float64, device=device,
+            [step_loss, float(not math.isfinite(step_loss)), float(self.signal is not None or over_time)],
+            dtype=torch.float64, device=self.device,
         )
-        if ddp:
+        if self.ddp:
             dist.all_reduce(flags)
         loss_total, non_finite, stop_requested = flags.tolist()
         if non_finite:
-            progress.print("")
+            self.progress.print("")
             kept = "no checkpoint was written"
-            if (out / "state.pt").exists():
-                kept = f"the last good checkpoint (step {torch.load(out / 'state.pt', weights_only=True)['step']}) in {out} is kept"
-            raise CliError(f"the loss became {step_loss:.4g} at step {step + 1}, so training stopped; {kept}; try a lower --lr")
-        last_loss = loss_total / world
+            if self.saved or self.state is not None:
+                kept = f"the last good checkpoint (step {read_state(self.out)['step']}) in {self.out} is kept"
+            raise CliError(f"the loss became {step_loss:.4g} at step {self.step + 1}, so training stopped; {kept}; try a lower --lr")
+        self.loss = loss_total / self.world
         if args.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if first_step_time is None:
-            first_step_time = time.time()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.first_step_time is None:
+            self.first_step_time = time.time()
+        return bool(stop_requested)
 
-        if step % args.log_every == 0 or progress.tty or step == total_steps:
-            now = time.time()
-            tok_s = tokens_per_step * (step - window_step) / max(1e-9, now - window_time)
-            mfu = flops * tok_s / (peak * world) if flops and peak else None
-            if total_steps:
-                eta = (total_steps - step) * (now - run_start_time - eval_seconds) / max(1, step - run_start_step)
-            else:
-                eta = budget - elapsed()
-            extra = raw_model.metrics() if hasattr(raw_model, "metrics") else {}
-            text = (f"step {step}/{total_steps or '?'} | loss {last_loss:.4f} | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | "
-                    f"MFU {f'{100 * mfu:.1f}%' if mfu is not None else '-'} | ETA {format_seconds(eta)}")
-            # Summary metrics go on the line; indexed ones (per layer, per expert: names with digits)
-            # only to metrics.jsonl and W&B.
-            text += "".join(f" | {k} {v:.3g}" for k, v in extra.items() if not any(c.isdigit() for c in k))
-            progress.update(step, text)
-            if step % args.log_every == 0:
-                record({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
-                        "time": elapsed(), **{k: float(v) for k, v in extra.items()}})
-                window_time, window_step = now, step
-        final = (total_steps is not None and step >= total_steps) or stop_requested
-        if args.eval_every and step % args.eval_every == 0 and not final:
-            last_eval, seconds = evaluate()
-            eval_seconds, n_evals = eval_seconds + seconds, n_evals + 1
-            progress.print(f"step {step} | val loss {last_eval['val_loss']:.4f} | ppl {last_eval['val_ppl']:.2f} | bpb {last_eval['val_bpb']:.4f}")
-            record({"step": step, **last_eval})
-        if stop["signal"] is not None:
-            checkpoint()
-            progress.print(f"stopped by {signal.Signals(stop['signal']).name} at step {step}; checkpoint saved in {out}; run the same command to resume")
-            return 0
-        if stop_requested:
-            break
-        if args.ckpt_every and step % args.ckpt_every == 0:
-            checkpoint()
+    def report(self):
+        """The progress line, and a metrics record every log_every steps."""
+        args, step = self.args, self.step
+        if not (step % args.log_every == 0 or self.progress.tty or step == self.total_steps):
+            return
+        now = time.time()
+        rate = self.units_per_step * (step - self.window_step) / max(1e-9, now - self.window_time)
+        mfu = self.flops * rate / (self.peak * self.world) if self.flops and self.peak else None
+        if self.total_steps:
+            eta = (self.total_steps - step) * (now - self.run_start_time - self.eval_seconds) / max(1, step - self.run_start_step)
+        else:
+            eta = self.budget - self.elapsed()
+        extra = self.raw_model.metrics() if hasattr(self.raw_model, "metrics") else {}
+        text = (f"step {step}/{self.total_steps or '?'} | loss {self.loss:.4f} | lr {self.lr:.2e} | "
+                f"{rate / 1e3:.1f}k {self.unit}/s | MFU {f'{100 * mfu:.1f}%' if mfu is not None else '-'} | ETA {format_seconds(eta)}")
+        # Summary metrics go on the line; indexed ones (per layer, per expert: names with digits)
+        # only to metrics.jsonl and W&B.
+        text += "".join(f" | {k} {v:.3g}" for k, v in extra.items() if not any(c.isdigit() for c in k))
+        self.progress.update(step, text)
+        if step % args.log_every == 0:
+            self.record({"step": step, "loss": self.loss, "lr": self.lr, f"{self.unit}_per_s": rate, "mfu": mfu,
+                         "time": self.elapsed(), **{k: float(v) for k, v in extra.items()}})
+            self.window_time, self.window_step = now, step
 
-    total_steps = step
-    progress.print("")
-    last_eval, _ = evaluate()
-    record({"step": step, **last_eval})
-    checkpoint(finished=True)
-    log(f"step {step} | val loss {last_eval['val_loss']:.4f} | ppl {last_eval['val_ppl']:.2f} | bpb {last_eval['val_bpb']:.4f} | "
-        f"{format_seconds(elapsed())} | weights in {out / 'model.safetensors'}")
-    if main_rank and args.sample_tokens and hasattr(pipe, "demo"):
-        log("sample:\n" + pipe.demo(raw_model, device, max_new_tokens=args.sample_tokens, seed=args.seed))
-    if main_rank and not args.no_plot:
-        png = plot_losses(out)
-        if png:
-            log(f"loss curve in {png}")
-    if wandb is not None:
-        wandb.finish()
+    def record(self, entry):
+        if self.main_rank:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if self.wandb is not None:
+                self.wandb.log(entry, step=entry["step"])
+
+    def evaluate(self, announce=True):
+        t = time.time()
+        result = self.pipe.evaluate(self.raw_model, self.config, self.args.batch_size, self.device, self.autocast,
+                                    max_tokens=self.args.eval_tokens)
+        self.eval_seconds, self.n_evals = self.eval_seconds + time.time() - t, self.n_evals + 1
+        self.record({"step": self.step, **result})
+        if announce:
+            self.progress.print(f"step {self.step} | {format_eval(result)}")
+        return result
+
+    def checkpoint(self, finished=False):
+        if self.main_rank:
+            save_checkpoint(self.out, self.raw_model, self.optimizer, self.config, self.args.model, self.task, {
+                "step": self.step, "total_steps": self.total_steps, "elapsed": self.elapsed(), "finished": finished,
+                "model": self.args.model, "config": dataclasses.asdict(self.config), "run": self.run_settings(),
+                "data": {"seed": self.args.seed, "step": self.step, "fingerprint": self.pipe.fingerprint},
+            })
+            self.saved = True
+        if self.ddp:
+            dist.barrier()
+
+    def due(self, every):
+        return bool(every) and self.step % every == 0
+
+    def finish(self):
+        args = self.args
+        self.total_steps = self.step
+        self.progress.print("")
+        result = self.evaluate(announce=False)
+        self.checkpoint(finished=True)
+        self.log(f"step {self.step} | {format_eval(result)} | {format_seconds(self.elapsed())} | "
+                 f"weights in {self.out / 'model.safetensors'}")
+        if self.main_rank and args.sample_tokens and hasattr(self.pipe, "demo"):
+            self.log("sample:\n" + self.pipe.demo(self.raw_model, self.device, max_new_tokens=args.sample_tokens, seed=args.seed))
+        if self.main_rank and not args.no_plot:
+            png = plot_losses(self.out)
+            if png:
+                self.log(f"loss curve in {png}")
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def discard(self):
+        """After a failure before this run's first checkpoint: remove what it wrote, so that out is
+        left as it was (or gone, if this run made it). A resumed run's folder stays resumable as is."""
+        if not self.main_rank or self.saved or self.state is not None or not hasattr(self, "before"):
+            return
+        for path in set(self.out.iterdir()) - self.before:
+            path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
+        if self.created_folder and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+
+def train(args):
+    run = Run(args)
+    if run.already_finished:
+        run.log(f"{run.out} already holds a finished run of {run.state['step']} steps; "
+                "pass --fresh to train again or a larger --max-steps to go on")
+        return 0
+    try:
+        run.start()
+        while not run.plan():
+            stop_requested = run.train_step()
+            run.report()
+            if run.due(args.eval_every) and not (stop_requested or run.step >= (run.total_steps or math.inf)):
+                run.evaluate()
+            if run.signal is not None:
+                run.checkpoint()
+                run.progress.print(f"stopped by {signal.Signals(run.signal).name} at step {run.step}; "
+                                   f"checkpoint saved in {run.out}; run the same command to resume")
+                return 0
+            if stop_requested:
+                break
+            if run.due(args.ckpt_every):
+                run.checkpoint()
+        run.finish()
+    except BaseException:
+        run.discard()
+        raise
+    if run.ddp:
+        # Every rank leaves together: gloo aborts a process that tears its connections down while
+        # a peer still holds them (rank 0 is still sampling and plotting here).
+        dist.barrier()
     return 0
 
 

@@ -4,6 +4,7 @@ import functools
 import http.server
 import math
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -164,10 +165,71 @@ def test_bits_per_byte_of_a_uniform_model(tmp_path):
 
     import contextlib
 
-    metrics = pipe.evaluate(Uniform(), seq_len=8, batch_size=3, device="cpu", autocast=contextlib.nullcontext)
+    config = types.SimpleNamespace(max_seq_len=8)
+    metrics = pipe.evaluate(Uniform(), config, batch_size=3, device="cpu", autocast=contextlib.nullcontext)
     n = (len(pipe.val_tokens) - 1) // 8
     targets = np.asarray(pipe.val_tokens[1 : n * 8 + 1])
     n_bytes = len(pipe.tokenizer.decode_bytes(targets.tolist()))
     assert metrics["val_loss"] == pytest.approx(math.log(V))
     assert metrics["val_bpb"] == pytest.approx(math.log(V) * len(targets) / (math.log(2) * n_bytes))
     assert metrics["val_ppl"] == pytest.approx(V)
+
+
+def test_bits_per_byte_of_a_bigram_model_counts_the_target_bytes(tmp_path):
+    """Against a loop over the windows written here: nats of each target under a fixed bigram table,
+    over the UTF-8 bytes of the targets (not of the inputs, which differ by one token at each end)."""
+    tail = " ".join(["Ünïcödé", "wörds", "🙂", "and", "plain", "ones"][i * i % 6] + str(i) for i in range(150))
+    (tmp_path / "c.txt").write_text(TEXT * 5 + tail)
+    pipe = data.CausalLM(str(tmp_path / "c.txt"), vocab_size=300)
+    V, T = pipe.tokenizer.n_vocab, 7
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    class Bigram(torch.nn.Module):
+        def forward(self, idx, targets=None):
+            return table[idx].float(), None
+
+    import contextlib
+
+    tokens = np.asarray(pipe.val_tokens, dtype=np.int64)
+    n = (len(tokens) - 1) // T
+    nats = n_bytes = input_bytes = 0.0
+    log_probs = torch.log_softmax(table.float(), dim=-1).double()
+    for w in range(n):
+        window = tokens[w * T : w * T + T + 1]
+        for x, y in zip(window[:-1], window[1:]):
+            nats -= log_probs[x, y].item()
+            n_bytes += len(pipe.tokenizer.decode_bytes([int(y)]))
+            input_bytes += len(pipe.tokenizer.decode_bytes([int(x)]))
+    assert input_bytes != n_bytes  # the case where counting the wrong side would show
+    metrics = pipe.evaluate(Bigram(), types.SimpleNamespace(max_seq_len=T), batch_size=4, device="cpu",
+                            autocast=contextlib.nullcontext)
+    assert metrics["val_loss"] == pytest.approx(nats / (n * T), rel=1e-6)
+    assert metrics["val_bpb"] == pytest.approx(nats / (math.log(2) * n_bytes), rel=1e-6)
+    # A token budget reads the first whole windows only.
+    limited = pipe.evaluate(Bigram(), types.SimpleNamespace(max_seq_len=T), batch_size=4, device="cpu",
+                            autocast=contextlib.nullcontext, max_tokens=3 * T + 2)
+    first = -sum(log_probs[x, y].item() for w in range(3) for x, y in zip(tokens[w * T : w * T + T], tokens[w * T + 1 : w * T + T + 1]))
+    assert limited["val_loss"] == pytest.approx(first / (3 * T), rel=1e-6)
+
+
+def test_atomic_write_that_fails_half_way_keeps_the_old_file(tmp_path):
+    path = tmp_path / "state.bin"
+    path.write_bytes(b"old and whole")
+
+    def half_then_fail(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"new but ha")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        data.atomic_write(path, half_then_fail)
+    assert path.read_bytes() == b"old and whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.bin"]  # no temp file left behind
+    data.atomic_write(path, lambda tmp: open(tmp, "wb").write(b"new"))
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["state.bin"]
+
+
+def test_a_vocabulary_size_that_bpe_cannot_train_is_a_data_error(tmp_path):
+    (tmp_path / "c.txt").write_text(TEXT)
+    with pytest.raises(data.DataError, match="at least 256"):
+        data.CausalLM(str(tmp_path / "c.txt"), vocab_size=100)

@@ -86,3 +86,53 @@ def test_hugging_face_llama_folder_matches_transformers(tmp_path, capsys):
         reference = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0].tolist()
     reference = [t for t in reference if t != n_ranks + 1]
     assert out == llama3.decode(reference) + "\n"
+
+
+def test_default_length_fits_the_context_without_a_note(trained, capsys):
+    assert sample.main([str(trained), "--prompt", "The", "--seed", "1"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert sample.main([str(trained), "--prompt", "The", "--seed", "1", "--max-new-tokens", "500"]) == 0
+    assert "note: generating" in capsys.readouterr().err  # asked for more than the context holds
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "-1"), ("--temperature", "nan"), ("--top-k", "-2"),
+                                         ("--top-p", "0"), ("--top-p", "1.5"), ("--max-new-tokens", "0")])
+def test_bad_sampling_flags(trained, capsys, flag, value):
+    assert sample.main([str(trained), "--prompt", "The", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag}") and "Traceback" not in err
+
+
+def test_generation_stops_at_eos_and_does_not_print_it(tmp_path, capsys):
+    """The folder's eos_token_id ends the answer as it ends transformers' generate, and is not printed."""
+    import json
+
+    import bpe
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = bpe.train("The cat sat on the mat. The dog ate the cat's food. " * 20, 300)
+    tokenizer.save(tmp_path / "tok")
+    hf = tmp_path / "hf"
+    n_ranks = tokenizer.n_vocab
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=n_ranks + 256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=n_ranks, eos_token_id=n_ranks + 1)
+    model = LlamaForCausalLM(config).eval()
+    ids = bpe.Tokenizer.from_llama3(tmp_path / "tok" / "tokenizer.tiktoken").encode_ordinary("The cat")
+    with torch.no_grad():
+        free = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(ids):].tolist()
+    # The eos: an ordinary token that greedy decoding reaches for the first time after a few steps.
+    at = next(i for i in range(2, len(free)) if free[i] not in free[:i] and free[i] < n_ranks)
+    model.generation_config.eos_token_id = free[at]
+    model.config.eos_token_id = free[at]
+    model.save_pretrained(hf)
+    shutil.copy(tmp_path / "tok" / "tokenizer.tiktoken", hf / "tokenizer.model")
+    assert json.loads((hf / "config.json").read_text())["eos_token_id"] == free[at]
+    with torch.no_grad():
+        reference = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert reference == free[: at + 1]  # transformers stops there and keeps the eos
+
+    assert sample.main(["--hf", str(hf), "--prompt", "The cat", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    llama3 = bpe.Tokenizer.from_llama3(hf / "tokenizer.model")
+    assert capsys.readouterr().out == llama3.decode(ids + free[:at]) + "\n"
