@@ -14,10 +14,12 @@ adjacent pair is in the vocabulary. With the same ranks and split pattern this g
 tiktoken's ids; `train` produces ranks in that format, and `Tokenizer.save` writes tiktoken's rank
 file, so a trained tokenizer can be handed to `tiktoken.Encoding` unchanged.
 
-One known difference: the split uses the Unicode tables of the `regex` module, tiktoken those of
+Two known differences. The split uses the Unicode tables of the `regex` module, tiktoken those of
 Rust's regex crate. A character assigned in a newer Unicode version than the other library knows
 (e.g. U+18D09, Tangut, Unicode 17) can be a letter to one and unassigned to the other, and then the
-two split it differently. Every character assigned in both versions splits the same.
+two split it differently. Every character assigned in both versions splits the same. And where one
+special token is a prefix of another (no encoding of tiktoken's or Llama 3's has such a pair), tiktoken
+picks among those that start at the same place in the order of its hash map; `encode` takes the longest.
 
 Training (`train`) is the textbook loop, made fast the usual way:
   1. split the corpus into chunks and count identical chunks once (a corpus has far fewer distinct

