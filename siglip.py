@@ -1,0 +1,647 @@
+"""
+SigLIP: a contrastive image-text model trained with the pairwise sigmoid loss, in one file.
+
+Two encoders map an image and a caption to vectors of the same width; after L2 normalisation their dot
+product, scaled by a learned temperature t and shifted by a learned bias b, is the logit that the
+caption describes the image. This follows
+- SigLIP (Zhai et al. 2023, https://arxiv.org/abs/2303.15343): every (image, text) pair of a batch is
+  an independent binary classification, so the loss needs no softmax over the batch and splits into
+  blocks of texts and across processes;
+- the Vision Transformer, ViT (Dosovitskiy et al. 2020, https://arxiv.org/abs/2010.11929): patches
+  of the image are tokens of a pre-LayerNorm transformer encoder;
+- the multi-head attention pooling head, MAP (Zhai et al. 2022, https://arxiv.org/abs/2106.04560):
+  one learned query attends over all patches to pool the image into one vector.
+The parameters are laid out as in Hugging Face transformers' SiglipModel, so checkpoints load by a
+rename (Model.from_pretrained).
+
+Shapes, with B = batch, S = image_size, P = patch_size, N = (S / P)^2 patches, T = max_seq_len,
+Dv = vision_dim, Dt = text_dim:
+    pixel_values    (B, 3, S, S)    images, normalised to [-1, 1] by preprocess()
+    patches         (B, N, Dv)      vision residual stream
+    input_ids       (B, T)          captions, every one padded to exactly T tokens (see TextEncoder)
+    tokens          (B, T, Dt)      text residual stream
+    image, text     (B, Dv)         pooled embeddings; the text head projects Dt to Dv
+    logits          (B_images, B_texts)   t * cos(image_i, text_j) + b
+
+`python siglip.py` draws coloured shapes with pillow, trains a tiny model on them for a few seconds
+and classifies new drawings zero-shot.
+"""
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+
+@dataclass
+class Config:
+    image_size: int = 32
+    patch_size: int = 8
+    vision_dim: int = 64  # also the width of the shared embedding space
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_mlp_dim: int = 256
+    vocab_size: int = 512
+    max_seq_len: int = 16  # the fixed length every caption is padded to
+    text_dim: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_mlp_dim: int = 256
+    norm_eps: float = 1e-6
+    # Which pairs of a batch count as matches. "diagonal": only image i with its own caption i, as in
+    # the paper. "same_text": image i also matches every caption whose token ids equal its own, since
+    # in data with repeated captions ("a red circle") labelling those pairs -1 would teach the model
+    # that a caption does not describe an image it describes exactly.
+    positives: str = "same_text"
+    loss_chunk_size: int = 1024  # texts per block of the loss: memory grows with images x this
+
+    def __post_init__(self):
+        sizes = ("image_size", "patch_size", "vision_dim", "vision_layers", "vision_heads", "vision_mlp_dim",
+                 "vocab_size", "max_seq_len", "text_dim", "text_layers", "text_heads", "text_mlp_dim",
+                 "loss_chunk_size")
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        for tower in ("vision", "text"):
+            dim, heads = getattr(self, f"{tower}_dim"), getattr(self, f"{tower}_heads")
+            if dim % heads:
+                raise ValueError(f"{tower}_dim ({dim}) must be a multiple of {tower}_heads ({heads})")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
+        if self.positives not in ("same_text", "diagonal"):
+            raise ValueError(f"positives must be 'same_text' or 'diagonal', got {self.positives!r}")
+
+
+TASK = "image_text"  # data.py feeds it {"pixel_values": (B, 3, S, S), "input_ids": (B, max_seq_len)}
+HF_ARCHITECTURES = ("SiglipModel",)  # what from_pretrained accepts in a config.json
+# Defaults of `python train.py --model siglip`: about 1M parameters, five minutes on two CPU cores, on
+# 32x32 pictures of shapes with captions of a few words.
+TRAIN_RECIPE = dict(
+    config=dict(image_size=32, patch_size=4, vision_dim=96, vision_layers=3, vision_heads=4, vision_mlp_dim=384,
+                max_seq_len=16, text_dim=96, text_layers=2, text_heads=4, text_mlp_dim=384),
+    vocab_size=512,
+    batch_size=64,
+    lr=1e-3,
+    warmup_steps=50,
+    weight_decay=0.1,
+    time_budget=300,
+    eval_every=100,
+)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all positions: neither tower uses a mask."""
+
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm transformer block, the same in both towers."""
+
+    def __init__(self, dim, n_heads, mlp_dim, eps):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, n_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class MAPHead(nn.Module):
+    """Multi-head attention pooling: a learned probe attends over the patches, then a residual MLP.
+
+    The query, key and value projections are one (3 * dim, dim) matrix, the layout of
+    torch.nn.MultiheadAttention that checkpoints store.
+    """
+
+    def __init__(self, dim, n_heads, mlp_dim, eps):
+        super().__init__()
+        self.n_heads = n_heads
+        self.probe = nn.Parameter(torch.randn(1, 1, dim) / math.sqrt(dim))
+        self.in_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_dim)
+
+    def forward(self, x):
+        """(B, N, dim) patches -> (B, dim)."""
+        B, N, C = x.shape
+        w_q, w_kv = self.in_proj.weight.split([C, 2 * C])
+        b_q, b_kv = self.in_proj.bias.split([C, 2 * C])
+        q = F.linear(self.probe.expand(B, 1, C), w_q, b_q).view(B, 1, self.n_heads, -1).transpose(1, 2)
+        k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        y = self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, C))
+        return (y + self.mlp(self.norm(y)))[:, 0]
+
+
+class VisionEncoder(nn.Module):
+    """ViT: non-overlapping patches, learned position embeddings, encoder blocks, a final LayerNorm.
+
+    forward returns every patch (B, N, dim); the MAP head, when there is one, pools them.
+    """
+
+    def __init__(self, image_size, patch_size, dim, n_layers, n_heads, mlp_dim, eps, use_head=True):
+        super().__init__()
+        self.image_size = image_size
+        # A convolution whose stride is its size is one linear map applied to each flattened patch.
+        self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.pos_embed = nn.Embedding((image_size // patch_size) ** 2, dim)
+        self.blocks = nn.ModuleList(EncoderBlock(dim, n_heads, mlp_dim, eps) for _ in range(n_layers))
+        self.post_norm = nn.LayerNorm(dim, eps=eps)
+        self.head = MAPHead(dim, n_heads, mlp_dim, eps) if use_head else None
+
+    def forward(self, pixel_values):
+        S = self.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, S, S):
+            raise ValueError(f"pixel_values must have shape (batch, 3, {S}, {S}), got {tuple(pixel_values.shape)}")
+        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # patches in row-major order
+        x = x + self.pos_embed.weight
+        for block in self.blocks:
+            x = block(x)
+        return self.post_norm(x)
+
+
+class TextEncoder(nn.Module):
+    """Token and learned position embeddings, encoder blocks, a final LayerNorm, and a linear head on
+    the output at the LAST position.
+
+    There is no causal mask and, as in the reference, no mask over padding either: every position
+    sees every other, padding included, and the pooled vector is whatever the last position holds.
+    So "a red circle" padded to 16 tokens and the same words padded to 64 are different inputs with
+    different embeddings, and a caption long enough to fill the window puts a word, not padding, at
+    the pooled position. Training and inference must therefore pad every caption to the same fixed
+    length (max_seq_len) with the same pad token; the released SigLIP models were trained with
+    captions padded to 64 tokens, which is why their tokenizer must be called with
+    padding="max_length". forward refuses any other length.
+    """
+
+    def __init__(self, vocab_size, max_seq_len, dim, n_layers, n_heads, mlp_dim, out_dim, eps):
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.tok_embed = nn.Embedding(vocab_size, dim)
+        self.pos_embed = nn.Embedding(max_seq_len, dim)
+        self.blocks = nn.ModuleList(EncoderBlock(dim, n_heads, mlp_dim, eps) for _ in range(n_layers))
+        self.final_norm = nn.LayerNorm(dim, eps=eps)
+        self.head = nn.Linear(dim, out_dim)
+
+    def forward(self, input_ids):
+        """(B, max_seq_len) token ids -> (B, out_dim)."""
+        if input_ids.dim() != 2 or input_ids.size(1) != self.max_seq_len or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be integer token ids of shape (batch, {self.max_seq_len}), padded to "
+                             f"max_seq_len; got shape {tuple(input_ids.shape)} and dtype {input_ids.dtype}")
+        x = self.tok_embed(input_ids) + self.pos_embed.weight
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.final_norm(x)[:, -1])
+
+
+class Model(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        self.vision = VisionEncoder(c.image_size, c.patch_size, c.vision_dim, c.vision_layers, c.vision_heads,
+                                    c.vision_mlp_dim, c.norm_eps)
+        self.text = TextEncoder(c.vocab_size, c.max_seq_len, c.text_dim, c.text_layers, c.text_heads, c.text_mlp_dim,
+                                c.vision_dim, c.norm_eps)
+        # The paper's initialisation, t' = log 10 and b = -10: all but B of the B^2 pairs of a batch are
+        # negatives, and a bias that already says "no match" spares the first steps a large correction
+        # towards that prior.
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(10.0)]))  # t' with t = exp(t')
+        self.logit_bias = nn.Parameter(torch.tensor([-10.0]))
+        self.apply(self._init_weights)
+        self._last = {}
+
+    @staticmethod
+    def _init_weights(module):
+        # Close to big_vision's: Xavier-uniform matrices and zero biases; embeddings with variance
+        # 1 / width and the patch projection with variance 1 / fan_in.
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=module.weight.size(1) ** -0.5)
+        elif isinstance(module, nn.Conv2d):
+            nn.init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
+            nn.init.zeros_(module.bias)
+
+    def encode_image(self, pixel_values):
+        """(B, 3, S, S) -> (B, vision_dim) pooled image embeddings, not normalised."""
+        return self.vision.head(self.vision(pixel_values))
+
+    def encode_text(self, input_ids):
+        """(B, max_seq_len) -> (B, vision_dim) pooled text embeddings, not normalised."""
+        return self.text(input_ids)
+
+    def forward(self, pixel_values, input_ids, return_loss=True):
+        """Logits (B, B) of image i against caption j of this process, and the sigmoid loss if asked.
+
+        The loss covers this process's images against the captions of every process (see
+        sigmoid_loss); the logits only the local pairs.
+        """
+        image = F.normalize(self.encode_image(pixel_values).float(), dim=-1)
+        text = F.normalize(self.encode_text(input_ids).float(), dim=-1)
+        t, b = self.logit_scale.float().exp(), self.logit_bias.float()
+        logits = t * image @ text.T + b
+        ids = input_ids if self.config.positives == "same_text" else None
+        loss = sigmoid_loss(image, text, t, b, ids, self.config.loss_chunk_size) if return_loss else None
+        with torch.no_grad():
+            labels = text_labels(ids, len(input_ids), logits.device)
+            positive = (labels[:, None] == labels[None, :]).float()
+            # A collapsed model gives every pair the same logit: a gap of 0, and acc no better than the
+            # share of matching captions.
+            negatives = (1 - positive).sum().clamp(min=1)  # a batch of one caption has none
+            gap = (logits * positive).sum() / positive.sum() - (logits * (1 - positive)).sum() / negatives
+            acc = positive.gather(1, logits.argmax(1, keepdim=True)).mean()
+            self._last = dict(t=t[0].detach(), b=b[0].detach(), gap=gap, acc=acc)
+        return logits, loss
+
+    def metrics(self):
+        """About the last forward: t = exp(t'), b, the mean logit of matching pairs minus that of the
+        others (gap), and the share of images whose best caption in the batch is a match (acc)."""
+        return {k: float(v) for k, v in self._last.items()}
+
+    @torch.no_grad()
+    def classify(self, pixel_values, label_ids):
+        """Zero-shot classification: (N_images, N_labels) probabilities, each row summing to one.
+
+        label_ids (N_labels, max_seq_len) are the label captions ("a photo of a cat", ...), padded as
+        in training. The sigmoid of a logit is SigLIP's probability that one caption fits; those
+        neither exclude one another nor sum to one. To choose one label among exclusive ones, this
+        takes the softmax of the logits over the labels instead (the bias b cancels): the same
+        ranking, as a distribution.
+        """
+        image = F.normalize(self.encode_image(pixel_values).float(), dim=-1)
+        text = F.normalize(self.encode_text(label_ids).float(), dim=-1)
+        return (self.logit_scale.float().exp() * image @ text.T).softmax(dim=-1)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self):
+        """Training FLOPs per (image, caption) pair, counted as in PaLM (https://arxiv.org/abs/2204.02311)
+        appendix B: 6 per weight of a matmul per token it touches (forward and backward), and 12 * T * D
+        per query per layer for attention over T keys. The loss, O(batch * dim) per pair, is left out."""
+        c = self.config
+        N, T, Dv, Dt = (c.image_size // c.patch_size) ** 2, c.max_seq_len, c.vision_dim, c.text_dim
+        vision_block = 4 * Dv * Dv + 2 * Dv * c.vision_mlp_dim
+        text_block = 4 * Dt * Dt + 2 * Dt * c.text_mlp_dim
+        # MAP head: keys and values of every patch; the probe's query, the output and the MLP once.
+        vision = N * (3 * c.patch_size ** 2 * Dv + c.vision_layers * vision_block + 2 * Dv * Dv)
+        vision += 2 * Dv * Dv + 2 * Dv * c.vision_mlp_dim
+        vision_attention = c.vision_layers * N * N * Dv + N * Dv
+        text = T * c.text_layers * text_block + Dt * Dv
+        return 6 * (vision + text) + 12 * (vision_attention + c.text_layers * T * T * Dt)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir):
+        """Load a Hugging Face SiglipModel folder: config.json and model.safetensors, or the shards listed
+        in model.safetensors.index.json. Weights, t' and b come from the checkpoint, cast to float32."""
+        folder = Path(checkpoint_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"checkpoint folder {folder} does not exist; pass a folder holding config.json and model.safetensors"
+            )
+        model = cls(config_from_hf(folder))
+        tensors = read_safetensors(folder)
+        state = {}
+        for name in model.state_dict():
+            hf_name = to_hf_name(name)
+            if hf_name not in tensors:
+                raise ValueError(f"{folder} lacks the tensor {hf_name}; it is not a whole SiglipModel checkpoint")
+            state[name] = tensors.pop(hf_name).float()
+        # Older checkpoints also store the position-id buffers, which hold only 0, 1, 2, ...
+        unexpected = sorted(k for k in tensors if not k.endswith("position_ids"))
+        if unexpected:
+            raise ValueError(f"{folder} holds tensors that SiglipModel does not have: {', '.join(unexpected[:5])}")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"the tensors in {folder} do not fit its config.json: {e}") from None
+        return model
+
+
+def text_labels(input_ids, n, device):
+    """One integer per caption such that two captions match exactly when their labels are equal:
+    the index of each distinct row of input_ids, or 0..n-1 (only the diagonal) when input_ids is None."""
+    if input_ids is None:
+        return torch.arange(n, device=device)
+    return torch.unique(input_ids, dim=0, return_inverse=True)[1]
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 that passes gradients back: every process's loss depends on the texts of
+    every process, so the gradient reaching a process's texts is the sum over all processes of the
+    gradient of their losses with respect to them."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+class ChunkedSigmoidLoss(torch.autograd.Function):
+    """-sum_ij log sigmoid(z_ij (t <x_i, y_j> + b)) / len(x), over blocks of chunk_size texts.
+
+    z_ij = +1 where image_labels[i] == text_labels[j], else -1. Backward recomputes each block's logits
+    instead of keeping them, so memory grows with images x chunk_size, never images x texts.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, t, b, image_labels, text_labels, chunk_size):
+        ctx.save_for_backward(x, y, t, b, image_labels, text_labels)
+        ctx.chunk_size = chunk_size
+        total = x.new_zeros(())
+        with torch.autocast(x.device.type, enabled=False):
+            for j in range(0, len(y), chunk_size):
+                z = pair_signs(image_labels, text_labels[j : j + chunk_size])
+                total -= F.logsigmoid(z * (t * x @ y[j : j + chunk_size].T + b)).sum()
+        return total / len(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, t, b, image_labels, text_labels = ctx.saved_tensors
+        gx, gy = torch.zeros_like(x), torch.empty_like(y)
+        gt, gb = torch.zeros_like(t), torch.zeros_like(b)
+        with torch.autocast(x.device.type, enabled=False):
+            for j in range(0, len(y), ctx.chunk_size):
+                yj = y[j : j + ctx.chunk_size]
+                z = pair_signs(image_labels, text_labels[j : j + ctx.chunk_size])
+                cos = x @ yj.T
+                # d/dl of -log sigmoid(z l) is -z sigmoid(-z l)
+                g = -z * torch.sigmoid(-z * (t * cos + b)) * (grad / len(x))
+                gx += t * (g @ yj)
+                gy[j : j + ctx.chunk_size] = t * (g.T @ x)
+                gt += (g * cos).sum()
+                gb += g.sum()
+        return gx, gy, gt, gb, None, None, None
+
+
+def pair_signs(image_labels, text_labels):
+    """z (len(image_labels), len(text_labels)): +1 for matching pairs, -1 for the others."""
+    return (image_labels[:, None] == text_labels[None, :]).float() * 2 - 1
+
+
+def sigmoid_loss(image, text, t, b, text_ids=None, chunk_size=1024):
+    """The pairwise sigmoid loss of SigLIP on L2-normalised embeddings image and text (B, D) of this
+    process, t = exp(t') and b of shape (1,):
+
+        L = -1/B sum_i sum_j log sigmoid(z_ij (t <image_i, text_j> + b))
+
+    z_ij = +1 for image i with its own caption and, when text_ids (B, T) is given, with every caption
+    whose ids equal its own caption's; -1 otherwise.
+
+    Under torch.distributed the sum over j runs over the captions of all processes (gathered with
+    their gradients) and B is the local batch, so each process returns world_size times its share of
+    the global loss: the mean over processes is the loss of the whole batch on one process, and
+    DistributedDataParallel, which averages gradients over processes, gets that loss's gradients.
+    Every process must hold the same number of pairs.
+    """
+    image_index, n_texts = 0, len(text)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        image_index, n_texts = dist.get_rank() * len(image), dist.get_world_size() * len(text)
+        text = GatherWithGrad.apply(text)
+        if text_ids is not None:
+            parts = [torch.empty_like(text_ids) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, text_ids.contiguous())
+            text_ids = torch.cat(parts)
+    labels = text_labels(text_ids, n_texts, image.device)
+    # Image i of this process is the pair of caption image_index + i of the gathered batch.
+    image_labels = labels[image_index : image_index + len(image)]
+    return ChunkedSigmoidLoss.apply(image, text, t, b, image_labels, labels, chunk_size)
+
+
+def to_rgb(image):
+    """A pillow image of any common mode as an RGB image.
+
+    As transformers' SiglipImageProcessor does, transparent pixels are composited onto white (an
+    image with alpha, or a palette or grey image with a transparent colour). Unlike pillow's own
+    conversion, which clips everything above 255 to white, 16-bit grey (I;16, and I holding values
+    above 255, the way some decoders return 16-bit data) is scaled to 8 bits; F is taken on the 0..255
+    scale, as pillow takes it. Alpha is what pillow calls transparency data, so LAB's "A" channel is
+    not taken for alpha (transformers looks for a band named "A").
+    """
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        grey = np.asarray(image, dtype=np.float64).clip(0, 65535) * (255 / 65535)
+        image = Image.fromarray(np.round(grey).astype(np.uint8))
+    if image.has_transparency_data:
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess(image, image_size):
+    """A pillow image -> (3, image_size, image_size) float tensor; a list of images -> (N, 3, S, S).
+
+    SiglipImageProcessor's defaults: RGB (to_rgb), resized to a square with bicubic interpolation
+    whatever the aspect ratio, scaled to [0, 1] and normalised with mean 0.5 and std 0.5 to [-1, 1].
+    """
+    if isinstance(image, (list, tuple)):
+        return torch.stack([preprocess(im, image_size) for im in image])
+    pixels = np.asarray(to_rgb(image).resize((image_size, image_size), Image.Resampling.BICUBIC))
+    # The reference's arithmetic, to the last bit: rescale in float64, normalise in float32.
+    x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.float32(0.5)) / np.float32(0.5)
+    return torch.from_numpy(x).permute(2, 0, 1).contiguous()
+
+
+# Our parameter names -> Hugging Face's, applied in order to a name such as vision.blocks.0.attn.q_proj.weight.
+HF_NAMES = [
+    ("vision.", "vision_model."), ("text.", "text_model."), ("patch_embed", "embeddings.patch_embedding"),
+    ("pos_embed", "embeddings.position_embedding"), ("tok_embed", "embeddings.token_embedding"),
+    ("blocks.", "encoder.layers."), ("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.", "self_attn."),
+    ("post_norm", "post_layernorm"), ("final_norm", "final_layer_norm"), ("head.norm", "head.layernorm"),
+    ("head.in_proj.", "head.attention.in_proj_"), ("head.out_proj", "head.attention.out_proj"),
+]
+# transformers' defaults, which config.json files written by older versions leave out.
+HF_TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
+                        layer_norm_eps=1e-6, projection_size=None)
+HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
+                          layer_norm_eps=1e-6, vision_use_head=True)
+
+
+def to_hf_name(name):
+    for ours, theirs in HF_NAMES:
+        name = name.replace(ours, theirs)
+    return name
+
+
+def config_from_hf(folder):
+    """Config from the config.json of a Hugging Face SiglipModel checkpoint folder."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; pass the folder of a Hugging Face SigLIP checkpoint")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    architectures = hf.get("architectures") or []
+    if not set(architectures) & set(HF_ARCHITECTURES):
+        raise ValueError(
+            f"{folder} holds a {' / '.join(architectures) or hf.get('model_type', 'unknown')} checkpoint; "
+            f"siglip.py loads {', '.join(HF_ARCHITECTURES)}"
+        )
+    text = {**HF_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
+    vision = {**HF_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
+    sizes = {}
+    for key in ("image_size", "patch_size"):
+        value = vision[key]
+        if isinstance(value, (list, tuple)):
+            if len(set(value)) != 1:
+                raise ValueError(f"{folder}: only square images and patches are supported, got {key} {value}")
+            value = value[0]
+        sizes[key] = value
+    problems = []
+    if {text["hidden_act"], vision["hidden_act"]} != {"gelu_pytorch_tanh"}:
+        problems.append(f"activations {text['hidden_act']} / {vision['hidden_act']} (only gelu_pytorch_tanh)")
+    if vision["num_channels"] != 3:
+        problems.append(f"{vision['num_channels']} image channels (only 3)")
+    if not vision["vision_use_head"]:
+        problems.append("a vision tower without its pooling head")
+    if (text["projection_size"] or text["hidden_size"]) != vision["hidden_size"]:
+        problems.append("a text projection whose width differs from the vision width")
+    if text["layer_norm_eps"] != vision["layer_norm_eps"]:
+        problems.append("different layer-norm eps in the two towers")
+    if problems:
+        raise ValueError(f"{folder}: siglip.py does not support {'; '.join(problems)}")
+    return Config(
+        image_size=sizes["image_size"],
+        patch_size=sizes["patch_size"],
+        vision_dim=vision["hidden_size"],
+        vision_layers=vision["num_hidden_layers"],
+        vision_heads=vision["num_attention_heads"],
+        vision_mlp_dim=vision["intermediate_size"],
+        vocab_size=text["vocab_size"],
+        max_seq_len=text["max_position_embeddings"],
+        text_dim=text["hidden_size"],
+        text_layers=text["num_hidden_layers"],
+        text_heads=text["num_attention_heads"],
+        text_mlp_dim=text["intermediate_size"],
+        norm_eps=text["layer_norm_eps"],
+    )
+
+
+# copied from gpt_llama.py: read_safetensors
+def read_safetensors(folder):
+    """All tensors of model.safetensors, or of the shards that model.safetensors.index.json lists."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+    tensors = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} lacks {name}, a shard its model.safetensors.index.json lists")
+        tensors.update(load_file(folder / name))
+    return tensors
+
+
+if __name__ == "__main__":
+    # Pictures of coloured shapes, captions as UTF-8 bytes (256 is padding), a tiny model trained for a
+    # few seconds, then zero-shot classification of new pictures. One thread: matrices this small gain
+    # nothing from a second, which only waits when the cores are busy.
+    from PIL import ImageDraw
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230)}
+    shapes = ("circle", "square", "triangle")
+    labels = [f"{colour} {shape}" for colour in colours for shape in shapes]
+
+    def draw(label):
+        colour, shape = label.split()
+        image = Image.new("RGB", (48, 48), tuple(int(v) for v in rng.integers(200, 256, 3)))
+        r, cx, cy = rng.integers(9, 15), rng.integers(20, 29), rng.integers(20, 29)
+        fill = tuple(int(np.clip(v + rng.integers(-30, 31), 0, 255)) for v in colours[colour])
+        pen = ImageDraw.Draw(image)
+        if shape == "circle":
+            pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif shape == "square":
+            pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        return image
+
+    def caption_ids(texts, length):
+        return torch.tensor([list(t.encode()) + [256] * (length - len(t.encode())) for t in texts])
+
+    config = Config(image_size=16, patch_size=4, vocab_size=257, max_seq_len=16)
+    model = Model(config)
+    pool = [labels[i % len(labels)] for i in range(720)]
+    images, ids = preprocess([draw(label) for label in pool], config.image_size), caption_ids(pool, config.max_seq_len)
+    optimizer = torch.optim.AdamW(model.parameters(), weight_decay=0.0)
+    start = time.perf_counter()
+    for step in range(300):
+        for group in optimizer.param_groups:  # warmup, then cosine decay: a calm end for a short run
+            group["lr"] = 3e-3 * min(1, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / 300))
+        pick = torch.randint(len(pool), (32,))
+        _, loss = model(images[pick], ids[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == 299:
+            m = model.metrics()
+            print(f"step {step:3d}  loss {loss.item():6.3f}  t {m['t']:5.2f}  b {m['b']:6.2f}  gap {m['gap']:5.2f}")
+    print(f"{model.num_params():,} parameters, trained in {time.perf_counter() - start:.1f} s")
+
+    truth = [labels[i] for i in rng.permutation(len(labels))[:5]]
+    probs = model.classify(preprocess([draw(label) for label in truth], config.image_size),
+                           caption_ids(labels, config.max_seq_len))
+    for label, row in zip(truth, probs):
+        best = row.argsort(descending=True)[:3]
+        print(f"a new {label:15s} -> " + ", ".join(f"{labels[i]} {row[i]:.2f}" for i in best))
+    test = [labels[i % len(labels)] for i in range(90)]
+    probs = model.classify(preprocess([draw(label) for label in test], config.image_size),
+                           caption_ids(labels, config.max_seq_len))
+    accuracy = (probs.argmax(-1) == torch.arange(90) % len(labels)).float().mean()
+    print(f"zero-shot accuracy on 90 new pictures: {accuracy:.0%} (chance {1 / len(labels):.0%})")
