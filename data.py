@@ -3,6 +3,8 @@ Data for train.py and sample.py: where a corpus comes from, how it becomes token
 
 A model file names its pipeline with TASK; PIPELINES maps that name to the class that feeds it:
     causal_lm   text -> byte-level BPE (bpe.py) -> memory-mapped token file -> windows {idx, targets}
+    image_text  pictures of shapes made here, or an image folder with captions -> {pixel_values,
+                input_ids}; images go through the model file's own preprocess(image, image_size)
 
 Every pipeline offers the same few methods, so train.py never needs to know which one it drives:
     model_config()       Config fields the data decides (the vocabulary size)
@@ -106,6 +108,9 @@ def corpus_files(source):
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files and next(path.rglob("metadata.jsonl"), None):
+            raise DataError(f"{source} is an image folder (it holds metadata.jsonl); a text model trains on .txt files, "
+                            "an image model (such as siglip) on this folder")
         if not files:
             raise DataError(f"the directory {source} holds no .txt files; pass a text file, a folder of .txt files or a glob")
         return files
@@ -142,18 +147,20 @@ def split_text(text, val_fraction=0.1):
 # ------------------------------------------------------------------------------------------ tokens
 
 
-def train_tokenizer(text, vocab_size, pattern=None):
+def train_tokenizer(text, vocab_size, pattern=None, special_tokens=()):
     """A BPE tokenizer trained on text, or the cached one trained on the same text before."""
     import bpe
 
     pattern = pattern or bpe.CL100K_PATTERN
     key = f"{sha256(text)[:16]}-{vocab_size}-{sha256(pattern)[:8]}"
+    if special_tokens:
+        key += f"-{sha256(chr(0).join(special_tokens))[:8]}"
     path = cache_dir() / "tokenizers" / key
     if (path / "tokenizer.json").exists():
         return bpe.Tokenizer.load(path), key
     print(f"training a {vocab_size}-token BPE tokenizer on {len(text):,} characters; cached in {path}", file=sys.stderr)
     try:
-        tokenizer = bpe.train(text, vocab_size, pattern=pattern)
+        tokenizer = bpe.train(text, vocab_size, pattern=pattern, special_tokens=list(special_tokens) or None)
     except ValueError as e:  # a vocabulary size bpe.py cannot train, said in its own words
         raise DataError(str(e)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -335,10 +342,337 @@ class CausalLM:
         self.tokenizer.save(out_dir)
 
 
-PIPELINES = {"causal_lm": CausalLM}
+# ---------------------------------------------------------------------------------------- images
+
+PAD = "<|pad|>"  # fills every caption to the model's fixed text length
 
 
-def pipeline(task, **kwargs):
+def caption_ids(tokenizer, texts, length):
+    """(N, length) ids: each caption's tokens, cut to length - 1, then PAD to the end.
+
+    A SigLIP-style text tower pools whatever sits at the last position, so every caption must end
+    there in the same token: at least one PAD, always.
+    """
+    pad = tokenizer.special_tokens[PAD]
+    ids = np.full((len(texts), length), pad, dtype=np.int64)
+    for row, text in zip(ids, texts):
+        tokens = tokenizer.encode_ordinary(text)[: length - 1]
+        row[: len(tokens)] = tokens
+    return torch.from_numpy(ids)
+
+
+class Shapes:
+    """Pictures made here: one shape of a colour, a size and a place on a noisy grey background, and a
+    caption that says some of that ("a red circle", "a small red circle at the top", ...).
+
+    Example g of a split is drawn from the generator seeded with (split, g), so the data is the same on
+    every machine and a resumed run sees what an uninterrupted one sees. Training never shows the
+    HELD_OUT colour-shape combinations; evaluation shows every combination, so the zero-shot accuracy
+    on the held-out ones measures whether the model composes colour and shape or memorises pairs.
+    """
+
+    COLOURS = {"red": (215, 35, 35), "green": (35, 165, 55), "blue": (40, 80, 225), "yellow": (235, 215, 30),
+               "purple": (140, 55, 185), "orange": (245, 135, 25)}
+    SHAPES = ("circle", "square", "triangle")
+    SIZES = {"small": 0.3, "large": 0.55}  # side as a fraction of the picture
+    PLACES = {"at the top": (0.5, 0.28), "at the bottom": (0.5, 0.72), "on the left": (0.28, 0.5),
+              "on the right": (0.72, 0.5), "in the middle": (0.5, 0.5)}
+    HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+    VAL_PER_COMBINATION = 16
+
+    def __init__(self):
+        combos = [(c, s) for c in self.COLOURS for s in self.SHAPES]
+        self.train_combos = [c for c in combos if c not in self.HELD_OUT]
+        self.labels = [f"a {c} {s}" for c, s in combos]  # the zero-shot candidates
+        self.val = [(i, combo) for combo in combos for i in range(self.VAL_PER_COMBINATION)]
+
+    def caption_corpus(self):
+        """Every caption the data can show, for the tokenizer."""
+        return "\n".join(self.caption(c, s, size, place, kind) for c in self.COLOURS for s in self.SHAPES
+                         for size in self.SIZES for place in self.PLACES for kind in range(4))
+
+    @staticmethod
+    def caption(colour, shape, size, place, kind):
+        return [f"a {colour} {shape}", f"a {size} {colour} {shape}", f"a {colour} {shape} {place}",
+                f"a {size} {colour} {shape} {place}"][kind]
+
+    def draw(self, rng, colour, shape, image_size):
+        """(picture, caption) of colour and shape, with size, place, noise and wording drawn from rng."""
+        from PIL import Image, ImageDraw
+
+        size = list(self.SIZES)[rng.integers(len(self.SIZES))]
+        place = list(self.PLACES)[rng.integers(len(self.PLACES))]
+        background = rng.integers(60, 200)
+        noise = rng.normal(background, 18, (image_size, image_size, 3)).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(noise)
+        r = image_size * self.SIZES[size] * rng.uniform(0.85, 1.15) / 2
+        cx, cy = (image_size * (f + rng.uniform(-0.05, 0.05)) for f in self.PLACES[place])
+        fill = tuple(int(v) for v in np.clip(np.array(self.COLOURS[colour]) + rng.integers(-20, 21, 3), 0, 255))
+        pen = ImageDraw.Draw(image)
+        if shape == "circle":
+            pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif shape == "square":
+            pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            pen.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+        return image, self.caption(colour, shape, size, place, rng.integers(4))
+
+    def train_pair(self, g, seed, image_size):
+        rng = np.random.default_rng([seed, g])  # two numbers; validation pictures use three, so never the same
+        return self.draw(rng, *self.train_combos[rng.integers(len(self.train_combos))], image_size)
+
+    def val_pairs(self, image_size):
+        """(pictures, captions, index of the right label, held out?) of the validation split."""
+        pairs = [self.draw(np.random.default_rng([i, self.labels.index(f"a {c} {s}"), 1]), c, s, image_size)
+                 for i, (c, s) in self.val]
+        answers = [self.labels.index(f"a {c} {s}") for _, (c, s) in self.val]
+        held_out = [combo in self.HELD_OUT for _, combo in self.val]
+        return [p for p, _ in pairs], [c for _, c in pairs], answers, held_out
+
+    def describe(self):
+        return (f"shapes: {len(self.COLOURS)} colours x {len(self.SHAPES)} shapes, {len(self.HELD_OUT)} combinations "
+                f"never trained on, {len(self.val)} validation pictures")
+
+
+class ImageFolder:
+    """A Hugging Face imagefolder: metadata.jsonl with one {"file_name": ..., "text": ...} per line and
+    the images beside it, either in DIR itself (the last 10% of the lines are held out) or in the split
+    folders DIR/train and DIR/test (or DIR/validation). Images of any size and mode."""
+
+    def __init__(self, source, val_fraction=0.1):
+        root = Path(source).expanduser()
+        if root.is_file():
+            raise DataError(f"--data {source} is a file; an image-text model needs a folder with metadata.jsonl "
+                            "(one {\"file_name\": ..., \"text\": ...} per line) and the images beside it")
+        if not root.is_dir():
+            raise DataError(f"no folder {source}; pass an image folder with metadata.jsonl")
+        val_dir = next((root / d for d in ("test", "validation") if (root / d / "metadata.jsonl").is_file()), None)
+        if (root / "train" / "metadata.jsonl").is_file() and val_dir is not None:
+            self.train, self.val = self.read(root / "train"), self.read(val_dir)
+        elif (root / "metadata.jsonl").is_file():
+            pairs = self.read(root)
+            cut = int(len(pairs) * (1 - val_fraction))
+            self.train, self.val = pairs[:cut], pairs[cut:]
+        else:
+            raise DataError(f"{source} holds no metadata.jsonl (nor train/ with test/ or validation/ beside it); "
+                            "an image folder needs one {\"file_name\": ..., \"text\": ...} line per image")
+        if not self.train or not self.val:
+            raise DataError(f"{source} holds {len(self.train)} training and {len(self.val)} validation images; "
+                            "it needs at least one of each")
+        self.labels = sorted({text for _, text in self.val})  # the zero-shot candidates
+        self.images = {}
+
+    @staticmethod
+    def read(folder):
+        import json
+
+        pairs = []
+        path = folder / "metadata.jsonl"
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path} line {n} is not JSON; each line must be {{\"file_name\": ..., \"text\": ...}}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("file_name"), str) or not isinstance(record.get("text"), str):
+                raise DataError(f"{path} line {n} has no \"file_name\" and \"text\" strings; "
+                                "each line must be {\"file_name\": ..., \"text\": ...}")
+            image = folder / record["file_name"]
+            if not image.is_file():
+                raise DataError(f"{path} line {n} names {record['file_name']}, which is not in {folder}")
+            pairs.append((image, record["text"]))
+        return pairs
+
+    def caption_corpus(self):
+        return "\n".join(text for _, text in self.train)
+
+    def pictures(self, split, preprocess, image_size):
+        """(N, 3, S, S) of a split, preprocessed once and kept (the folder is expected to be small)."""
+        from PIL import Image, UnidentifiedImageError
+
+        key = (split, image_size)
+        if key not in self.images:
+            tensors = []
+            for path, _ in getattr(self, split):
+                try:
+                    with Image.open(path) as image:
+                        tensors.append(preprocess(image, image_size))
+                except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+                    raise DataError(f"cannot read the image {path} ({e}); replace or remove it") from None
+            self.images[key] = torch.stack(tensors)
+        return self.images[key]
+
+    def describe(self):
+        return (f"{len(self.train):,} training and {len(self.val):,} validation images, "
+                f"{len(self.labels)} distinct validation captions")
+
+
+class PairStream(IterableDataset):
+    """Endless batches of {pixel_values, input_ids}, in an order that depends only on (seed, step).
+
+    The slicing of a step among ranks and micro-batches is WindowStream's. Example g is the g-th
+    picture made for a seed (shapes, which never repeat) or, for a folder of N images, the g % N-th of
+    epoch g // N's shuffle.
+    """
+
+    def __init__(self, pipe, config, batch_size, seed=0, start_step=0, rank=0, world_size=1, grad_accum=1):
+        super().__init__()
+        self.pipe, self.config, self.batch_size, self.seed = pipe, config, batch_size, seed
+        self.start_step, self.rank, self.world_size, self.grad_accum = start_step, rank, world_size, grad_accum
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        item = self.start_step * self.grad_accum + worker
+        per_step = self.world_size * self.grad_accum * self.batch_size
+        while True:
+            step, micro = divmod(item, self.grad_accum)
+            first = step * per_step + (micro * self.world_size + self.rank) * self.batch_size
+            yield self.pipe.batch(range(first, first + self.batch_size), self.seed, self.config)
+            item += n_workers
+
+
+class ImageText:
+    """Image-caption pairs for a contrastive model: the sigmoid loss on held-out pairs, and zero-shot
+    accuracy, the share of held-out images whose own caption ranks first among the candidates."""
+
+    def __init__(self, source=None, vocab_size=512, preprocess=None, val_fraction=0.1):
+        if preprocess is None:
+            raise DataError("an image-text model file must define preprocess(image, image_size) for data.py to call")
+        self.data = Shapes() if source is None else ImageFolder(source, val_fraction)
+        self.preprocess = preprocess
+        corpus = self.data.caption_corpus()
+        self.tokenizer, key = train_tokenizer(corpus, vocab_size, special_tokens=(PAD,))
+        name = "shapes" if source is None else sha256("\n".join(f"{p.name}\t{t}" for p, t in self.data.train + self.data.val))
+        self.fingerprint = {"images": name, "tokenizer": key}
+        self.val = None
+        self.order = (None, None)  # (seed, epoch), permutation: the folder's shuffle, cached
+
+    def describe(self):
+        return f"{self.data.describe()}, vocabulary {self.tokenizer.n_vocab}"
+
+    def model_config(self):
+        return {"vocab_size": self.tokenizer.n_vocab}
+
+    def check(self, config):
+        if config.max_seq_len < 2:
+            raise DataError("captions need max_seq_len of at least 2: one token and the padding the model pools")
+        self.validation(config)  # reads (and checks) every image now, before anything is written
+        if isinstance(self.data, ImageFolder):
+            self.data.pictures("train", self.preprocess, config.image_size)
+
+    def unit(self, config):
+        return "pairs", 1
+
+    def validation(self, config):
+        """(pixel_values, input_ids, answers, held_out, label_ids) of the validation split."""
+        if self.val is None or self.val[0].shape[-1] != config.image_size:
+            if isinstance(self.data, Shapes):
+                images, captions, answers, held_out = self.data.val_pairs(config.image_size)
+                pixels = self.preprocess(images, config.image_size)
+            else:
+                pixels = self.data.pictures("val", self.preprocess, config.image_size)
+                captions = [text for _, text in self.data.val]
+                answers = [self.data.labels.index(text) for text in captions]
+                held_out = None
+            self.val = (pixels, caption_ids(self.tokenizer, captions, config.max_seq_len), torch.tensor(answers),
+                        None if held_out is None else torch.tensor(held_out),
+                        caption_ids(self.tokenizer, self.data.labels, config.max_seq_len))
+        return self.val
+
+    def batch(self, examples, seed, config):
+        if isinstance(self.data, Shapes):
+            pairs = [self.data.train_pair(g, seed, config.image_size) for g in examples]
+            pixels = self.preprocess([image for image, _ in pairs], config.image_size)
+            captions = [caption for _, caption in pairs]
+        else:
+            picks = [self.shuffle(seed, g) for g in examples]
+            pixels = self.data.pictures("train", self.preprocess, config.image_size)[picks]
+            captions = [self.data.train[i][1] for i in picks]
+        return {"pixel_values": pixels, "input_ids": caption_ids(self.tokenizer, captions, config.max_seq_len)}
+
+    def shuffle(self, seed, g):
+        """Index of the folder image that is example g: position g % N of epoch g // N's permutation."""
+        epoch, position = divmod(g, len(self.data.train))
+        if self.order[0] != (seed, epoch):
+            self.order = ((seed, epoch), np.random.default_rng([seed, epoch]).permutation(len(self.data.train)))
+        return self.order[1][position]
+
+    def stream(self, config, batch_size, **kwargs):
+        return PairStream(self, config, batch_size, **kwargs)
+
+    def eval_examples(self, config, max_tokens=None):
+        return len(self.data.val)
+
+    @torch.no_grad()
+    def evaluate(self, model, config, batch_size, device, autocast, max_tokens=None):
+        """val_loss: the model's loss over batches of the validation pairs, as large as training's
+        global batch (under DDP each rank holds its slice and the model gathers the captions, as in
+        training). val_accuracy: zero-shot, each image against every candidate caption."""
+        pixels, ids, answers, held_out, label_ids = self.validation(config)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        was_training = model.training
+        model.eval()
+        per_rank = max(1, min(batch_size, len(ids) // world))
+        n_batches = len(ids) // (per_rank * world)
+        # the sum of the batch losses, then right answers and images, overall and on held-out combinations
+        sums = torch.zeros(5, dtype=torch.float64)
+        for i in range(n_batches):
+            mine = slice((i * world + rank) * per_rank, (i * world + rank + 1) * per_rank)
+            with autocast():
+                _, loss = model(pixels[mine].to(device), ids[mine].to(device))
+            # Each rank's loss is world_size times its share of the batch's loss (see siglip.py).
+            sums[0] += loss.float().item() / world
+        for i in range(rank * batch_size, len(ids), world * batch_size):
+            with autocast():
+                probs = model.classify(pixels[i : i + batch_size].to(device), label_ids.to(device))
+            correct = (probs.argmax(-1).cpu() == answers[i : i + batch_size]).double()
+            sums[1:3] += torch.tensor([correct.sum(), len(correct)])
+            if held_out is not None:
+                sums[3:5] += torch.tensor([correct[held_out[i : i + batch_size]].sum(), held_out[i : i + batch_size].sum()])
+        model.train(was_training)
+        if dist.is_initialized():
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        result = {"val_loss": sums[0].item() / n_batches, "val_accuracy": (sums[1] / sums[2]).item()}
+        if held_out is not None:
+            result["val_accuracy_seen"] = ((sums[1] - sums[3]) / (sums[2] - sums[4])).item()
+            result["val_accuracy_held_out"] = (sums[3] / sums[4]).item()
+        return result
+
+    @torch.no_grad()
+    def demo(self, model, device, max_new_tokens=6, seed=0, **kwargs):
+        """A few validation images: the true caption, and the three candidates the model ranks first."""
+        config = model.config
+        pixels, _, answers, held_out, label_ids = self.validation(config)
+        picks = np.random.default_rng(seed).permutation(len(answers))[: max(1, min(6, max_new_tokens))]
+        if held_out is not None:  # show held-out combinations first: they are the interesting ones
+            picks = sorted(picks, key=lambda i: not held_out[i])
+        was_training = model.training
+        model.eval()
+        probs = model.classify(pixels[picks].to(device), label_ids.to(device)).cpu()
+        model.train(was_training)
+        lines = []
+        for i, row in zip(picks, probs):
+            best = row.argsort(descending=True)[:3]
+            tag = " (combination never trained on)" if held_out is not None and held_out[i] else ""
+            lines.append(f"{self.data.labels[answers[i]]}{tag} -> "
+                         + ", ".join(f"{self.data.labels[j]} {row[j]:.2f}" for j in best))
+        return "\n".join(lines)
+
+    def save(self, out_dir):
+        self.tokenizer.save(out_dir)
+
+
+PIPELINES = {"causal_lm": CausalLM, "image_text": ImageText}
+
+
+def pipeline(task, module=None, **kwargs):
+    """The pipeline TASK names, given what the model file offers (an image model's preprocess)."""
     if task not in PIPELINES:
         raise DataError(f"no data pipeline for TASK {task!r}; data.py knows {', '.join(sorted(PIPELINES))}")
+    if getattr(module, "preprocess", None) is not None:
+        kwargs["preprocess"] = module.preprocess
     return PIPELINES[task](**kwargs)

@@ -1,9 +1,11 @@
 """
-Stream text from a model trained by train.py, or from a Hugging Face checkpoint folder.
+Stream text from a model trained by train.py, or from a Hugging Face checkpoint folder; rank captions
+for images with an image-text model.
 
     python sample.py out/gpt_llama --prompt "The"        # a folder written by train.py
     python sample.py out/gpt_llama                       # interactive: one prompt per line until EOF
     python sample.py --hf path/to/Llama-3.2-1B --prompt "The capital of France is" --temperature 0
+    python sample.py out/siglip --image a.png b.png --labels "a red circle,a blue square"
 
 For --hf, the model file is the one whose HF_ARCHITECTURES lists the architecture in the folder's
 config.json, and the tokenizer is the folder's tokenizer.model in Llama 3's tiktoken format.
@@ -118,6 +120,30 @@ def stream(model, tokenizer, prompt, args, device, eos_id):
     return count, time.time() - start
 
 
+def rank_labels(model, tokenizer, args, device):
+    """For each image, every label with the probability the model gives it, best first."""
+    from PIL import Image, UnidentifiedImageError
+
+    preprocess = getattr(sys.modules[type(model).__module__], "preprocess", None)
+    if not hasattr(model, "classify") or preprocess is None:
+        raise CliError("this model does not rank captions for images; --image and --labels need an image-text model such as siglip")
+    labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
+    if not labels:
+        raise CliError('give the captions to rank with --labels, separated by commas: --labels "a red circle,a blue square"')
+    label_ids = data.caption_ids(tokenizer, labels, model.config.max_seq_len).to(device)
+    for path in args.image:
+        try:
+            with Image.open(path) as image:
+                pixels = preprocess(image, model.config.image_size)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            raise CliError(f"cannot read the image {path} ({e}); pass a PNG, JPEG or other image pillow reads") from None
+        probs = model.classify(pixels[None].to(device), label_ids)[0].cpu()
+        print(f"{path}:")
+        for j in probs.argsort(descending=True).tolist():
+            print(f"  {probs[j]:.3f}  {labels[j]}")
+        sys.stdout.flush()
+
+
 def parse_args(argv):
     class Help(train.HelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
@@ -126,6 +152,8 @@ def parse_args(argv):
     p.add_argument("folder", nargs="?", help="a folder written by train.py (e.g. out/gpt_llama)")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder instead (config.json, safetensors, tokenizer.model)")
     p.add_argument("--prompt", default=None, help="text to continue; without it, read one prompt per line from stdin until EOF")
+    p.add_argument("--image", nargs="+", metavar="FILE", help="images for an image-text model, each ranked against --labels")
+    p.add_argument("--labels", default=None, help='comma-separated captions to rank for each --image, e.g. "a red circle,a blue square"')
     p.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens to generate (default: {DEFAULT_NEW_TOKENS}, or what the context leaves)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 for all")
@@ -155,6 +183,11 @@ def main(argv=None):
         device = train.pick_device(args.device)
         model, tokenizer, eos_id = load_hf(args.hf) if args.hf else load_trained(args.folder)
         model.to(device).eval()
+        if args.image:
+            rank_labels(model, tokenizer, args, device)
+            return 0
+        if not hasattr(model, "generate_stream"):
+            raise CliError("this model does not generate text; give it images with --image and captions with --labels")
         prompts = [args.prompt] if args.prompt is not None else None
         if prompts is None and sys.stdin.isatty():
             print("one prompt per line; Ctrl-D to quit", file=sys.stderr)

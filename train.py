@@ -493,7 +493,7 @@ def plot_losses(out):
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel("loss")
     ax.set_title(out.name)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -562,7 +562,7 @@ class Run:
         args = self.args
         if self.ddp and not self.main_rank:
             dist.barrier()  # rank 0 trains and caches the tokenizer and token files first
-        self.pipe = data.pipeline(self.task, source=args.data, vocab_size=args.vocab_size)
+        self.pipe = data.pipeline(self.task, self.module, source=args.data, vocab_size=args.vocab_size)
         if self.ddp and self.main_rank:
             dist.barrier()
         self.config = build_config(self.module, {**args.overrides, **self.pipe.model_config()})
@@ -755,8 +755,9 @@ class Run:
         else:
             eta = self.budget - self.elapsed()
         extra = self.raw_model.metrics() if hasattr(self.raw_model, "metrics") else {}
+        speed = f"{rate / 1e3:.1f}k" if rate >= 1000 else f"{rate:.0f}"
         text = (f"step {step}/{self.total_steps or '?'} | loss {self.loss:.4f} | lr {self.lr:.2e} | "
-                f"{rate / 1e3:.1f}k {self.unit}/s | MFU {f'{100 * mfu:.1f}%' if mfu is not None else '-'} | ETA {format_seconds(eta)}")
+                f"{speed} {self.unit}/s | MFU {f'{100 * mfu:.1f}%' if mfu is not None else '-'} | ETA {format_seconds(eta)}")
         # Summary metrics go on the line; indexed ones (per layer, per expert: names with digits)
         # only to metrics.jsonl and W&B.
         text += "".join(f" | {k} {v:.3g}" for k, v in extra.items() if not any(c.isdigit() for c in k))
