@@ -460,13 +460,13 @@ def to_rgb(image):
     image with alpha, or a palette or grey image with a transparent colour). Unlike pillow's own
     conversion, which clips everything above 255 to white, 16-bit grey (I;16, and I holding values
     above 255, the way some decoders return 16-bit data) is scaled to 8 bits; F is taken on the 0..255
-    scale, as pillow takes it. Alpha is what pillow calls transparency data, so LAB's "A" channel is
-    not taken for alpha (transformers looks for a band named "A").
+    scale, as pillow takes it. Alpha is told by the mode, so LAB's "A" channel is not taken for alpha
+    (transformers looks for a band named "A").
     """
     if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
         grey = np.asarray(image, dtype=np.float64).clip(0, 65535) * (255 / 65535)
         image = Image.fromarray(np.round(grey).astype(np.uint8))
-    if image.has_transparency_data:
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
     return image.convert("RGB")
