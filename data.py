@@ -362,51 +362,50 @@ def caption_ids(tokenizer, texts, length):
 
 
 class Shapes:
-    """Pictures made here: one shape of a colour, a size and a place on a noisy grey background, and a
-    caption that says some of that ("a red circle", "a small red circle at the top", ...).
+    """Pictures made here: one shape of a colour, a size and a place on a noisy grey background, and the
+    caption that says so ("a small red circle at the top").
 
-    Example g of a split is drawn from the generator seeded with (split, g), so the data is the same on
-    every machine and a resumed run sees what an uninterrupted one sees. Training never shows the
-    HELD_OUT colour-shape combinations; evaluation shows every combination, so the zero-shot accuracy
-    on the held-out ones measures whether the model composes colour and shape or memorises pairs.
+    Example g is drawn from a generator seeded with (seed, g), so the data is the same on every
+    machine and a resumed run sees what an uninterrupted one sees. Training never shows the HELD_OUT
+    colour-shape combinations. Evaluation shows fresh pictures of every combination, each to be told
+    apart from the 18 captions that differ from its own in colour and shape only: the accuracy on the
+    held-out ones measures whether the model composes colour and shape or memorises pairs.
     """
 
     COLOURS = {"red": (215, 35, 35), "green": (35, 165, 55), "blue": (40, 80, 225), "yellow": (235, 215, 30),
                "purple": (140, 55, 185), "orange": (245, 135, 25)}
     SHAPES = ("circle", "square", "triangle")
-    SIZES = {"small": 0.3, "large": 0.55}  # side as a fraction of the picture
-    PLACES = {"at the top": (0.5, 0.28), "at the bottom": (0.5, 0.72), "on the left": (0.28, 0.5),
-              "on the right": (0.72, 0.5), "in the middle": (0.5, 0.5)}
+    SIZES = {"small": 0.32, "large": 0.6}  # side as a fraction of the picture
+    PLACES = {"at the top": (0.5, 0.3), "at the bottom": (0.5, 0.7), "on the left": (0.3, 0.5),
+              "on the right": (0.7, 0.5), "in the middle": (0.5, 0.5)}
     HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
     VAL_PER_COMBINATION = 16
 
     def __init__(self):
-        combos = [(c, s) for c in self.COLOURS for s in self.SHAPES]
-        self.train_combos = [c for c in combos if c not in self.HELD_OUT]
-        self.labels = [f"a {c} {s}" for c, s in combos]  # the zero-shot candidates
-        self.val = [(i, combo) for combo in combos for i in range(self.VAL_PER_COMBINATION)]
+        self.combos = [(c, s) for c in self.COLOURS for s in self.SHAPES]
+        self.train_combos = [c for c in self.combos if c not in self.HELD_OUT]
+        self.labels = [self.caption(c, s, size, place) for size in self.SIZES for place in self.PLACES
+                       for c, s in self.combos]
+        self.val = [(i, combo) for combo in self.combos for i in range(self.VAL_PER_COMBINATION)]
+
+    @staticmethod
+    def caption(colour, shape, size, place):
+        return f"a {size} {colour} {shape} {place}"
 
     def caption_corpus(self):
         """Every caption the data can show, for the tokenizer."""
-        return "\n".join(self.caption(c, s, size, place, kind) for c in self.COLOURS for s in self.SHAPES
-                         for size in self.SIZES for place in self.PLACES for kind in range(4))
-
-    @staticmethod
-    def caption(colour, shape, size, place, kind):
-        return [f"a {colour} {shape}", f"a {size} {colour} {shape}", f"a {colour} {shape} {place}",
-                f"a {size} {colour} {shape} {place}"][kind]
+        return "\n".join(self.labels)
 
     def draw(self, rng, colour, shape, image_size):
-        """(picture, caption) of colour and shape, with size, place, noise and wording drawn from rng."""
+        """(picture, caption, (size, place)) of colour and shape, the rest drawn from rng."""
         from PIL import Image, ImageDraw
 
         size = list(self.SIZES)[rng.integers(len(self.SIZES))]
         place = list(self.PLACES)[rng.integers(len(self.PLACES))]
-        background = rng.integers(60, 200)
-        noise = rng.normal(background, 18, (image_size, image_size, 3)).clip(0, 255).astype(np.uint8)
+        noise = rng.normal(rng.integers(60, 200), 18, (image_size, image_size, 3)).clip(0, 255).astype(np.uint8)
         image = Image.fromarray(noise)
-        r = image_size * self.SIZES[size] * rng.uniform(0.85, 1.15) / 2
-        cx, cy = (image_size * (f + rng.uniform(-0.05, 0.05)) for f in self.PLACES[place])
+        r = image_size * self.SIZES[size] * rng.uniform(0.9, 1.1) / 2
+        cx, cy = (image_size * (f + rng.uniform(-0.04, 0.04)) for f in self.PLACES[place])
         fill = tuple(int(v) for v in np.clip(np.array(self.COLOURS[colour]) + rng.integers(-20, 21, 3), 0, 255))
         pen = ImageDraw.Draw(image)
         if shape == "circle":
@@ -415,19 +414,26 @@ class Shapes:
             pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
         else:
             pen.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
-        return image, self.caption(colour, shape, size, place, rng.integers(4))
+        return image, self.caption(colour, shape, size, place), (size, place)
 
     def train_pair(self, g, seed, image_size):
         rng = np.random.default_rng([seed, g])  # two numbers; validation pictures use three, so never the same
-        return self.draw(rng, *self.train_combos[rng.integers(len(self.train_combos))], image_size)
+        return self.draw(rng, *self.train_combos[rng.integers(len(self.train_combos))], image_size)[:2]
 
     def val_pairs(self, image_size):
-        """(pictures, captions, index of the right label, held out?) of the validation split."""
-        pairs = [self.draw(np.random.default_rng([i, self.labels.index(f"a {c} {s}"), 1]), c, s, image_size)
-                 for i, (c, s) in self.val]
-        answers = [self.labels.index(f"a {c} {s}") for _, (c, s) in self.val]
+        """(pictures, captions, candidates, answers, held out?) of the validation split: the candidates
+        of a picture are the indices in labels of the 18 captions with its size and place."""
+        pictures, captions, candidates, answers = [], [], [], []
+        for i, (c, s) in self.val:
+            rng = np.random.default_rng([i, self.combos.index((c, s)), 1])
+            image, caption, (size, place) = self.draw(rng, c, s, image_size)
+            choices = [self.labels.index(self.caption(*combo, size, place)) for combo in self.combos]
+            pictures.append(image)
+            captions.append(caption)
+            candidates.append(choices)
+            answers.append(choices.index(self.labels.index(caption)))
         held_out = [combo in self.HELD_OUT for _, combo in self.val]
-        return [p for p, _ in pairs], [c for _, c in pairs], answers, held_out
+        return pictures, captions, candidates, answers, held_out
 
     def describe(self):
         return (f"shapes: {len(self.COLOURS)} colours x {len(self.SHAPES)} shapes, {len(self.HELD_OUT)} combinations "
@@ -566,18 +572,24 @@ class ImageText:
         return "pairs", 1
 
     def validation(self, config):
-        """(pixel_values, input_ids, answers, held_out, label_ids) of the validation split."""
+        """(pixel_values, input_ids, candidates, answers, held_out, label_ids) of the validation split:
+        image i is to pick label candidates[i, answers[i]] among the labels candidates[i]."""
         if self.val is None or self.val[0].shape[-1] != config.image_size:
             if isinstance(self.data, Shapes):
-                images, captions, answers, held_out = self.data.val_pairs(config.image_size)
+                images, captions, candidates, answers, held_out = self.data.val_pairs(config.image_size)
                 pixels = self.preprocess(images, config.image_size)
             else:
                 pixels = self.data.pictures("val", self.preprocess, config.image_size)
                 captions = [text for _, text in self.data.val]
+                candidates = [list(range(len(self.data.labels)))] * len(captions)
                 answers = [self.data.labels.index(text) for text in captions]
                 held_out = None
-            self.val = (pixels, caption_ids(self.tokenizer, captions, config.max_seq_len), torch.tensor(answers),
-                        None if held_out is None else torch.tensor(held_out),
+            # A fixed shuffle, so that a validation batch mixes captions as a training batch does (a
+            # folder sorted by class, or the shapes in their order, would fill a batch with one).
+            order = torch.from_numpy(np.random.default_rng(0).permutation(len(answers)))
+            self.val = (pixels[order], caption_ids(self.tokenizer, captions, config.max_seq_len)[order],
+                        torch.tensor(candidates)[order], torch.tensor(answers)[order],
+                        None if held_out is None else torch.tensor(held_out)[order],
                         caption_ids(self.tokenizer, self.data.labels, config.max_seq_len))
         return self.val
 
@@ -610,7 +622,7 @@ class ImageText:
         """val_loss: the model's loss over batches of the validation pairs, as large as training's
         global batch (under DDP each rank holds its slice and the model gathers the captions, as in
         training). val_accuracy: zero-shot, each image against every candidate caption."""
-        pixels, ids, answers, held_out, label_ids = self.validation(config)
+        pixels, ids, candidates, answers, held_out, label_ids = self.validation(config)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         was_training = model.training
         model.eval()
@@ -625,12 +637,14 @@ class ImageText:
             # Each rank's loss is world_size times its share of the batch's loss (see siglip.py).
             sums[0] += loss.float().item() / world
         for i in range(rank * batch_size, len(ids), world * batch_size):
+            mine = slice(i, i + batch_size)
             with autocast():
-                probs = model.classify(pixels[i : i + batch_size].to(device), label_ids.to(device))
-            correct = (probs.argmax(-1).cpu() == answers[i : i + batch_size]).double()
+                probs = model.classify(pixels[mine].to(device), label_ids.to(device)).float().cpu()
+            # The most probable of each image's own candidates (a softmax over all labels keeps their order).
+            correct = (probs.gather(1, candidates[mine]).argmax(-1) == answers[mine]).double()
             sums[1:3] += torch.tensor([correct.sum(), len(correct)])
             if held_out is not None:
-                sums[3:5] += torch.tensor([correct[held_out[i : i + batch_size]].sum(), held_out[i : i + batch_size].sum()])
+                sums[3:5] += torch.tensor([correct[held_out[mine]].sum(), held_out[mine].sum()])
         model.train(was_training)
         if dist.is_initialized():
             sums = sums.to(device)
@@ -646,20 +660,22 @@ class ImageText:
     def demo(self, model, device, max_new_tokens=6, seed=0, **kwargs):
         """A few validation images: the true caption, and the three candidates the model ranks first."""
         config = model.config
-        pixels, _, answers, held_out, label_ids = self.validation(config)
+        pixels, _, candidates, answers, held_out, label_ids = self.validation(config)
         picks = np.random.default_rng(seed).permutation(len(answers))[: max(1, min(6, max_new_tokens))]
         if held_out is not None:  # show held-out combinations first: they are the interesting ones
             picks = sorted(picks, key=lambda i: not held_out[i])
         was_training = model.training
         model.eval()
-        probs = model.classify(pixels[picks].to(device), label_ids.to(device)).cpu()
+        probs = model.classify(pixels[picks].to(device), label_ids.to(device)).float().cpu()
         model.train(was_training)
         lines = []
         for i, row in zip(picks, probs):
+            mine = candidates[i]
+            row = row[mine] / row[mine].sum()  # a distribution over this image's candidates
             best = row.argsort(descending=True)[:3]
             tag = " (combination never trained on)" if held_out is not None and held_out[i] else ""
-            lines.append(f"{self.data.labels[answers[i]]}{tag} -> "
-                         + ", ".join(f"{self.data.labels[j]} {row[j]:.2f}" for j in best))
+            lines.append(f"{self.data.labels[mine[answers[i]]]}{tag} -> "
+                         + ", ".join(f"{self.data.labels[mine[j]]} {row[j]:.2f}" for j in best))
         return "\n".join(lines)
 
     def save(self, out_dir):

@@ -72,17 +72,20 @@ def test_shapes_are_deterministic_and_hold_combinations_out():
         colour, shape = [w for w in caption if w in shapes.COLOURS][0], [w for w in caption if w in shapes.SHAPES][0]
         seen.add((colour, shape))
     assert seen.isdisjoint(shapes.HELD_OUT) and len(seen) == 18 - len(shapes.HELD_OUT)
-    _, captions, answers, held_out = shapes.val_pairs(16)
+    _, captions, candidates, answers, held_out = shapes.val_pairs(16)
     assert sorted(set(answers)) == list(range(18)) and sum(held_out) == 3 * shapes.VAL_PER_COMBINATION
-    for caption, answer in zip(captions, answers):  # a picture's caption names its own label's colour and shape
-        assert all(word in caption.split() for word in shapes.labels[answer].split()[1:])
+    for caption, choices, answer in zip(captions, candidates, answers):
+        assert shapes.labels[choices[answer]] == caption
+        # The 18 candidates share the picture's size and place and differ in colour and shape.
+        others = [shapes.labels[c].split() for c in choices]
+        assert len({tuple(o[1:2] + o[4:]) for o in others}) == 1 and len({tuple(o[2:4]) for o in others}) == 18
 
 
 def test_a_picture_shows_its_colour():
     shapes = data.Shapes()
     rng = np.random.default_rng(0)
     for colour, rgb in shapes.COLOURS.items():
-        image, caption = shapes.draw(rng, colour, "square", 32)
+        image, caption, _ = shapes.draw(rng, colour, "square", 32)
         pixels = np.asarray(image).reshape(-1, 3).astype(int)
         near = (np.abs(pixels - np.array(rgb)).max(axis=1) <= 25).mean()
         assert near > 0.05, (colour, caption, near)  # even a small square covers a few percent of the picture
@@ -92,7 +95,7 @@ def test_captions_are_padded_so_the_last_position_is_always_pad(env):
     pipe = data.pipeline("image_text", siglip, vocab_size=300)
     ids = data.caption_ids(pipe.tokenizer, ["a red circle", "a small red circle at the top " * 5], 8)
     pad = pipe.tokenizer.special_tokens[data.PAD]
-    assert ids.shape == (2, 8) and (ids[:, -1] == pad).all()
+    assert ids.shape == (2, 8) and (ids[:, -1] == pad).all() and (ids[1, :-1] != pad).all()
     assert pipe.tokenizer.decode(ids[0][ids[0] != pad].tolist()) == "a red circle"
 
 
@@ -116,13 +119,13 @@ class Oracle(torch.nn.Module):
 
 def test_zero_shot_accuracy_counts_seen_and_held_out_combinations(env):
     pipe = data.pipeline("image_text", siglip, vocab_size=300)
-    _, _, answers, held_out = pipe.data.val_pairs(16)
-    right = pipe.evaluate(Oracle(lambda i: answers[i]), config(), 10, "cpu", contextlib.nullcontext)
+    _, _, candidates, answers, held_out, _ = pipe.validation(config())
+    right = pipe.evaluate(Oracle(lambda i: candidates[i, answers[i]]), config(), 10, "cpu", contextlib.nullcontext)
     assert right["val_accuracy"] == right["val_accuracy_seen"] == right["val_accuracy_held_out"] == 1.0
     assert right["val_loss"] == 1.0
-    # Always the first label ("a red circle", a trained combination): right on its 16 pictures only.
-    first = pipe.evaluate(Oracle(lambda i: 0), config(), 10, "cpu", contextlib.nullcontext)
-    n_seen = len(answers) - sum(held_out)
+    # Always the first candidate (a red circle, a trained combination): right on its 16 pictures only.
+    first = pipe.evaluate(Oracle(lambda i: candidates[i, 0]), config(), 10, "cpu", contextlib.nullcontext)
+    n_seen = len(answers) - held_out.sum().item()
     assert first["val_accuracy"] == pytest.approx(16 / len(answers))
     assert first["val_accuracy_seen"] == pytest.approx(16 / n_seen) and first["val_accuracy_held_out"] == 0
 
@@ -233,7 +236,7 @@ def test_outputs_and_metrics(trained, capsys):
 
 def test_sample_ranks_labels_for_images(trained, tmp_path, capsys):
     shapes = data.Shapes()
-    image, _ = shapes.draw(np.random.default_rng(0), "red", "circle", 16)
+    image, _, _ = shapes.draw(np.random.default_rng(0), "red", "circle", 16)
     image.convert("P").save(tmp_path / "a.png")
     labels = ["a red circle", "a blue square", "a green triangle"]
     assert sample.main([str(trained), "--image", str(tmp_path / "a.png"), "--labels", ",".join(labels)]) == 0
