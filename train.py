@@ -579,12 +579,13 @@ class Run:
         return {"processes": self.world, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "seed": a.seed}
 
     def _prepare_output(self):
-        """Check that out is writable; with --fresh, remove the old run, state first."""
-        self.created = []  # files and the folder this run made before its first checkpoint
-        self.saved = False
+        """Check that out can be written, leaving it as it was."""
+        self.saved = False  # whether this run has written a checkpoint
+        self.created_root = None  # the first folder of out's path that this run creates
         if not self.main_rank:
             return
-        existed = self.out.exists()
+        missing = [p for p in [self.out, *self.out.parents] if not p.exists()]
+        self.created_root = missing[-1] if missing else None
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             probe = self.out / ".write-test"
@@ -592,11 +593,9 @@ class Run:
             probe.unlink()
         except OSError as e:
             raise CliError(f"cannot write to the output folder {self.out} ({e.strerror or e}); pick another --out") from None
-        if self.args.fresh:
-            for name in RUN_FILES:
-                (self.out / name).unlink(missing_ok=True)
-        self.before = set(self.out.iterdir())
-        self.created_folder = not existed
+        finally:
+            if self.created_root is not None and self.created_root.is_dir():
+                shutil.rmtree(self.created_root)
 
     def _optimizer_and_state(self):
         args, state = self.args, self.state
@@ -615,12 +614,6 @@ class Run:
             torch.manual_seed(args.seed + self.rank)  # weights are equal on all ranks; dropout differs
         if self.rank != 0 and state is not None:  # the checkpoint holds rank 0's RNG state only
             torch.manual_seed(args.seed + self.rank + 7919 * self.step)
-        if self.main_rank:
-            if state is None:
-                (self.out / "metrics.jsonl").write_text("")
-            else:
-                trim_metrics(self.out / "metrics.jsonl", self.step)
-            self.pipe.save(self.out)
 
     def _loader(self):
         args, device = self.args, self.device
@@ -660,7 +653,21 @@ class Run:
         self.signal = None
 
     def start(self):
+        """The first writes: with --fresh, the old run goes (its state first); then the metrics file
+        and the tokenizer."""
         raw, args = self.raw_model, self.args
+        if self.main_rank:
+            self.before = set()
+            self.out.mkdir(parents=True, exist_ok=True)
+            if args.fresh:
+                for name in RUN_FILES:
+                    (self.out / name).unlink(missing_ok=True)
+            self.before = set(self.out.iterdir())
+            if self.state is None:
+                (self.out / "metrics.jsonl").write_text("")
+            else:
+                trim_metrics(self.out / "metrics.jsonl", self.step)
+            self.pipe.save(self.out)
         n_params = raw.num_params() if hasattr(raw, "num_params") else sum(p.numel() for p in raw.parameters())
         self.log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {self.pipe.describe()}, "
                  f"{self.units_per_step:,} {self.unit} per step on {self.world} x {self.device.type}"
@@ -820,10 +827,11 @@ class Run:
         left as it was (or gone, if this run made it). A resumed run's folder stays resumable as is."""
         if not self.main_rank or self.saved or self.state is not None or not hasattr(self, "before"):
             return
-        for path in set(self.out.iterdir()) - self.before:
+        for path in (set(self.out.iterdir()) if self.out.is_dir() else set()) - self.before:
             path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
-        if self.created_folder and not any(self.out.iterdir()):
-            self.out.rmdir()
+        root = self.created_root
+        if root is not None and root.is_dir() and not any(p.is_file() for p in root.rglob("*")):
+            shutil.rmtree(root)
 
 
 def train(args):
