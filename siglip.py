@@ -101,7 +101,11 @@ TRAIN_RECIPE = dict(
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over all positions: neither tower uses a mask."""
+    """Multi-head self-attention over all positions: neither tower uses a mask.
+
+    With last_only, only the last position queries (it still attends to every position) and the output
+    is (B, 1, dim): for a last block whose other outputs nobody reads.
+    """
 
     def __init__(self, dim, n_heads):
         super().__init__()
@@ -111,11 +115,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, last_only=False):
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+        def heads(t):  # (B, T, C) -> (B, n_heads, T, C / n_heads)
+            return t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
+
+        q = heads(self.q_proj(x[:, -1:] if last_only else x))
+        y = F.scaled_dot_product_attention(q, heads(self.k_proj(x)), heads(self.v_proj(x)))
+        return self.out_proj(y.transpose(1, 2).reshape(B, -1, C))
 
 
 class MLP(nn.Module):
@@ -138,8 +146,9 @@ class EncoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, last_only=False):
+        """(B, T, dim) -> (B, T, dim), or (B, 1, dim) with last_only (see Attention)."""
+        x = (x[:, -1:] if last_only else x) + self.attn(self.norm1(x), last_only)
         return x + self.mlp(self.norm2(x))
 
 
@@ -148,6 +157,16 @@ class MAPHead(nn.Module):
 
     The query, key and value projections are one (3 * dim, dim) matrix, the layout of
     torch.nn.MultiheadAttention that checkpoints store.
+
+    With a single query, attention needs neither the keys nor the values of the patches x_n. In each
+    head, with q the probe's query (already divided by sqrt(head_dim)) and W_k, b_k, W_v, b_v that
+    head's rows of the key and value projections,
+        score_n = q . (W_k x_n + b_k) = (W_k^T q) . x_n + q . b_k,
+    whose last term is the same for every patch and cancels in the softmax; and, as the weights a_n
+    sum to one,
+        sum_n a_n (W_v x_n + b_v) = W_v (sum_n a_n x_n) + b_v.
+    So each head scores the patches with one vector and projects one weighted mean of them: what
+    nn.MultiheadAttention computes, without its (B * N, dim) x (dim, 2 * dim) key and value projection.
     """
 
     def __init__(self, dim, n_heads, mlp_dim, eps):
@@ -162,12 +181,15 @@ class MAPHead(nn.Module):
     def forward(self, x):
         """(B, N, dim) patches -> (B, dim)."""
         B, N, C = x.shape
-        w_q, w_kv = self.in_proj.weight.split([C, 2 * C])
-        b_q, b_kv = self.in_proj.bias.split([C, 2 * C])
-        q = F.linear(self.probe.expand(B, 1, C), w_q, b_q).view(B, 1, self.n_heads, -1).transpose(1, 2)
-        k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        y = self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, C))
-        return (y + self.mlp(self.norm(y)))[:, 0]
+        H, D = self.n_heads, C // self.n_heads
+        w_q, w_k, w_v = self.in_proj.weight.split(C)
+        b_q, _, b_v = self.in_proj.bias.split(C)  # the key bias cancels
+        q = F.linear(self.probe[0, 0], w_q, b_q).view(H, 1, D) / math.sqrt(D)
+        w_score = (q @ w_k.view(H, D, C)).view(H, C)  # row h: W_k^T q of head h
+        a = F.linear(x, w_score).transpose(1, 2).softmax(dim=-1)  # (B, H, N) attention weights
+        pooled = a @ x  # (B, H, C): per head, the weighted mean of the patches
+        y = self.out_proj(torch.einsum("bhc,hdc->bhd", pooled, w_v.view(H, D, C)).reshape(B, C) + b_v)
+        return y + self.mlp(self.norm(y))
 
 
 class VisionEncoder(nn.Module):
@@ -178,8 +200,8 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, image_size, patch_size, dim, n_layers, n_heads, mlp_dim, eps, use_head=True):
         super().__init__()
-        self.image_size = image_size
-        # A convolution whose stride is its size is one linear map applied to each flattened patch.
+        self.image_size, self.patch_size = image_size, patch_size
+        # A convolution whose stride is its size: one linear map applied to each flattened patch.
         self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Embedding((image_size // patch_size) ** 2, dim)
         self.blocks = nn.ModuleList(EncoderBlock(dim, n_heads, mlp_dim, eps) for _ in range(n_layers))
@@ -190,7 +212,11 @@ class VisionEncoder(nn.Module):
         S = self.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, S, S):
             raise ValueError(f"pixel_values must have shape (batch, 3, {S}, {S}), got {tuple(pixel_values.shape)}")
-        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # patches in row-major order
+        # The convolution, applied as the linear map it is: cheaper, and the patches come out contiguous
+        # as (B, N, dim); the convolution's (B, dim, N), transposed, would make every LayerNorm copy them.
+        B, P, n = len(pixel_values), self.patch_size, S // self.patch_size
+        patches = pixel_values.reshape(B, 3, n, P, n, P).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, 3 * P * P)
+        x = F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias)  # row-major order
         x = x + self.pos_embed.weight
         for block in self.blocks:
             x = block(x)
@@ -226,9 +252,11 @@ class TextEncoder(nn.Module):
             raise ValueError(f"input_ids must be integer token ids of shape (batch, {self.max_seq_len}), padded to "
                              f"max_seq_len; got shape {tuple(input_ids.shape)} and dtype {input_ids.dtype}")
         x = self.tok_embed(input_ids) + self.pos_embed.weight
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.final_norm(x)[:, -1])
+        # Only the last position is pooled, so the last block computes only that position: it needs the
+        # keys and values of every position, but the others' queries, attention and MLP would be wasted.
+        for i, block in enumerate(self.blocks):
+            x = block(x, last_only=i == len(self.blocks) - 1)
+        return self.head(self.final_norm(x[:, -1]))
 
 
 class Model(nn.Module):
@@ -316,17 +344,20 @@ class Model(nn.Module):
     def flops_per_token(self):
         """Training FLOPs per (image, caption) pair, counted as in PaLM (https://arxiv.org/abs/2204.02311)
         appendix B: 6 per weight of a matmul per token it touches (forward and backward), and 12 * T * D
-        per query per layer for attention over T keys. The loss, O(batch * dim) per pair, is left out."""
+        per query per layer for attention over T keys. Left out: the loss, O(batch * dim) per pair, and
+        the MAP head's query, computed once per batch."""
         c = self.config
         N, T, Dv, Dt = (c.image_size // c.patch_size) ** 2, c.max_seq_len, c.vision_dim, c.text_dim
         vision_block = 4 * Dv * Dv + 2 * Dv * c.vision_mlp_dim
         text_block = 4 * Dt * Dt + 2 * Dt * c.text_mlp_dim
-        # MAP head: keys and values of every patch; the probe's query, the output and the MLP once.
-        vision = N * (3 * c.patch_size ** 2 * Dv + c.vision_layers * vision_block + 2 * Dv * Dv)
+        # MAP head: each head scores every patch and pools them (two matmuls of N x Dv per head); the
+        # value and output projections and the MLP once.
+        vision = N * (3 * c.patch_size ** 2 * Dv + c.vision_layers * vision_block + 2 * c.vision_heads * Dv)
         vision += 2 * Dv * Dv + 2 * Dv * c.vision_mlp_dim
-        vision_attention = c.vision_layers * N * N * Dv + N * Dv
-        text = T * c.text_layers * text_block + Dt * Dv
-        return 6 * (vision + text) + 12 * (vision_attention + c.text_layers * T * T * Dt)
+        # The last text block: keys and values at every position, the rest at the last one only.
+        text = T * (c.text_layers - 1) * text_block + T * 2 * Dt * Dt + (text_block - 2 * Dt * Dt) + Dt * Dv
+        attention = c.vision_layers * N * N * Dv + ((c.text_layers - 1) * T + 1) * T * Dt
+        return 6 * (vision + text) + 12 * attention
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir):

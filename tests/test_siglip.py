@@ -91,6 +91,27 @@ def test_features_logits_and_loss_match_transformers(tmp_path, case):
     assert model.metrics()["t"] == pytest.approx(np.exp(1.7)) and model.metrics()["b"] == pytest.approx(-2.3)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_gradients_match_transformers(tmp_path, case):
+    """The backward pass too: the pooling head without keys and values, the text tower's last block at
+    the last position alone and the patches as one matmul give transformers' gradients."""
+    reference = hf_siglip(tmp_path, case)
+    model = Model.from_pretrained(tmp_path)
+    model.config.positives = "diagonal"
+    pixel_values, input_ids = random_inputs(case)
+    model(pixel_values, input_ids)[1].backward()
+    reference(input_ids=input_ids, pixel_values=pixel_values, return_loss=True).loss.backward()
+    theirs = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        expected = theirs[siglip.to_hf_name(name)].grad
+        if name.endswith("in_proj.bias"):  # a key bias moves every score alike: its gradient is zero
+            C = len(p) // 3
+            p.grad[C : 2 * C] = expected[C : 2 * C] = 0
+        elif name.endswith("k_proj.bias"):
+            continue
+        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 def test_sharded_checkpoint(tmp_path):
     reference = hf_siglip(tmp_path, "even", max_shard_size="40KB")
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
@@ -444,13 +465,19 @@ def test_paper_initialisation_and_metrics():
 
 def test_flops_per_token_counts_every_matmul():
     """Against torch's FLOP counter on a forward and backward of both towers (the math attention kernel,
-    whose matmuls it can see; pixels that need a gradient, so the patch projection costs 6 per weight)."""
+    whose matmuls it can see; pixels that need a gradient, so the patch projection costs 6 per weight).
+    Per pair: the counts of two batch sizes differ by two pairs, and what runs once per batch (the
+    MAP head's query) drops out."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     model = Model(tiny_config(image_size=12, patch_size=3, text_layers=2))
-    pixel_values, input_ids = torch.randn(3, 3, 12, 12, requires_grad=True), torch.randint(0, 20, (3, 5))
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel(SDPBackend.MATH):
-        (model.encode_image(pixel_values).sum() + model.encode_text(input_ids).sum()).backward()
-    assert counter.get_total_flops() == 3 * model.flops_per_token()
+
+    def count(batch):
+        pixel_values, input_ids = torch.randn(batch, 3, 12, 12, requires_grad=True), torch.randint(0, 20, (batch, 5))
+        counter = FlopCounterMode(display=False)
+        with counter, sdpa_kernel(SDPBackend.MATH):
+            (model.encode_image(pixel_values).sum() + model.encode_text(input_ids).sum()).backward()
+        return counter.get_total_flops()
+
+    assert count(5) - count(3) == 2 * model.flops_per_token()

@@ -1,0 +1,154 @@
+"""Training speed of siglip.py against transformers' SiglipModel, both on the same weights, in one run.
+
+    python bench/siglip.py [--repeats 5] [--threads 1] [--shapes recipe,vit-ti]
+
+Prints a markdown table of image-text pairs per second for one training step (forward of both towers,
+the sigmoid loss, backward, AdamW), ours against transformers' SiglipModel(return_loss=True) with its
+default attention (sdpa) and with eager attention, at two shapes:
+- recipe: siglip.TRAIN_RECIPE, what `python train.py --model siglip` trains (32x32 images in 4x4
+  patches, width 96, 3 vision and 2 text layers, 16 tokens, batch 64);
+- vit-ti: a ViT-Ti-like vision tower (224x224 images in 16x16 patches, width 192, 3 heads, 12
+  layers) with a text tower of the same width (64 tokens, 12 layers), batch 32; fewer repeats.
+Target: ours >= 1.2x transformers (sdpa).
+
+Ours runs with positives="diagonal", the loss transformers computes, so both do the same work;
+the "same_text" row adds the default positives (torch.unique over the batch's captions).
+The contenders take turns and each number is the best of --repeats turns: on shared cores noise only
+ever slows a run down. --threads defaults to 1 because on cores that other processes also use, a
+second thread makes every timing swing by several times; on an idle machine try --threads 2.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import siglip  # noqa: E402
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def best_times(contenders, repeats):
+    """Best wall time of each function, calling them in turn after one warm-up call each."""
+    for fn in contenders:
+        fn()
+    best = [float("inf")] * len(contenders)
+    for _ in range(repeats):
+        for i, fn in enumerate(contenders):
+            best[i] = min(best[i], timed(fn))
+    return best
+
+
+def shapes():
+    """transformers' text and vision configs, batch size and repeats (None: --repeats) of each shape."""
+    r = siglip.TRAIN_RECIPE
+    c = r["config"]
+    # No bos / eos ids: transformers' defaults (49406, 49407) lie outside these vocabularies.
+    text = dict(bos_token_id=None, eos_token_id=None)
+    recipe = dict(
+        vision=dict(image_size=c["image_size"], patch_size=c["patch_size"], hidden_size=c["vision_dim"],
+                    num_hidden_layers=c["vision_layers"], num_attention_heads=c["vision_heads"],
+                    intermediate_size=c["vision_mlp_dim"]),
+        text=dict(text, vocab_size=r["vocab_size"], max_position_embeddings=c["max_seq_len"],
+                  hidden_size=c["text_dim"], num_hidden_layers=c["text_layers"], num_attention_heads=c["text_heads"],
+                  intermediate_size=c["text_mlp_dim"], projection_size=c["vision_dim"]),
+        batch=r["batch_size"], repeats=None,
+    )
+    vit_ti = dict(
+        vision=dict(image_size=224, patch_size=16, hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
+                    intermediate_size=768),
+        text=dict(text, vocab_size=32000, max_position_embeddings=64, hidden_size=192, num_hidden_layers=12,
+                  num_attention_heads=3, intermediate_size=768, projection_size=192),
+        batch=32, repeats=2,
+    )
+    return {"recipe": recipe, "vit-ti": vit_ti}
+
+
+def rate(x):
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def bench_shape(name, shape, repeats, transformers):
+    """Pairs per second of each contender, and a line about the shape."""
+    torch.manual_seed(0)
+    config = transformers.SiglipConfig(text_config=shape["text"], vision_config=shape["vision"])
+    theirs = transformers.SiglipModel(config)
+    theirs.set_attn_implementation("sdpa")
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder)
+        ours = siglip.Model.from_pretrained(folder)
+        ours_same_text = siglip.Model.from_pretrained(folder)
+        eager = transformers.SiglipModel.from_pretrained(folder, attn_implementation="eager")
+    ours.config.positives = "diagonal"  # transformers' loss
+    B, S, T = shape["batch"], shape["vision"]["image_size"], shape["text"]["max_position_embeddings"]
+    g = torch.Generator().manual_seed(1)
+    pixel_values = torch.rand(B, 3, S, S, generator=g) * 2 - 1
+    input_ids = torch.randint(0, shape["text"]["vocab_size"], (B, T), generator=g)
+    models = {"ours": ours, "ours (same_text)": ours_same_text, "transformers sdpa": theirs,
+              "transformers eager": eager}
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
+
+    def loss_of(key):
+        if key.startswith("ours"):
+            return models[key](pixel_values, input_ids)[1]
+        return models[key](input_ids=input_ids, pixel_values=pixel_values, return_loss=True).loss
+
+    with torch.no_grad():  # the same model on both sides, before any step
+        gap = (loss_of("ours") - loss_of("transformers sdpa")).abs().item()
+
+    def step(key):
+        loss_of(key).backward()
+        optimizers[key].step()
+        optimizers[key].zero_grad(set_to_none=True)
+
+    for m in models.values():
+        m.train()
+    n = shape["repeats"] or repeats
+    times = best_times([lambda k=k: step(k) for k in models], n)
+    note = (f"{name}: {ours.num_params():,} parameters, batch {B}, {S}x{S} images, {T} tokens, best of {n}; "
+            f"|loss ours - transformers| = {gap:.1e}")
+    return {k: B / t for k, t in zip(models, times)}, note
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shapes", default="recipe,vit-ti", help="comma-separated: recipe, vit-ti")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    all_shapes = shapes()
+    names = args.shapes.split(",")
+    unknown = set(names) - set(all_shapes)
+    if unknown:
+        parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(all_shapes)}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} "
+          f"thread(s); training steps (forward, sigmoid loss, backward, AdamW) in image-text pairs/s\n")
+    print("| shape | ours | ours (same_text) | transformers sdpa | transformers eager | ours / sdpa | ours / eager |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    notes = []
+    for name in names:
+        r, note = bench_shape(name, all_shapes[name], args.repeats, transformers)
+        notes.append(note)
+        sdpa, eager = r["transformers sdpa"], r["transformers eager"]
+        print(f"| {name} | {rate(r['ours'])} | {rate(r['ours (same_text)'])} | {rate(sdpa)} | {rate(eager)} "
+              f"| **{r['ours'] / sdpa:.2f}x** | {r['ours'] / eager:.2f}x |", flush=True)
+    print("\n" + "\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()
