@@ -42,6 +42,7 @@ import argparse  # noqa: E402
 import ast  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import gc  # noqa: E402
 import hashlib  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
@@ -510,7 +511,8 @@ class Run:
     """Everything one training run holds; the pieces the loop in train() calls.
 
     Construction checks every input and builds the data, the model and the optimizer, resuming from
-    --out when it holds a checkpoint; nothing is written before all of that has succeeded.
+    --out when it holds a checkpoint. It writes nothing (the output folder is only probed): the first
+    files appear in start(), and discard() removes them if the run fails before its first checkpoint.
     """
 
     def __init__(self, args):
@@ -860,10 +862,6 @@ def train(args):
     except BaseException:
         run.discard()
         raise
-    if run.ddp:
-        # Every rank leaves together: gloo aborts a process that tears its connections down while
-        # a peer still holds them (rank 0 is still sampling and plotting here).
-        dist.barrier()
     return 0
 
 
@@ -884,6 +882,10 @@ def main(argv=None):
             signal.signal(sig, handler)
         torch.set_num_threads(threads)
         if dist.is_initialized():
+            # The DDP wrapper sits in reference cycles, so train() returning does not free it. Left to
+            # the interpreter's exit, it would be torn down after its process group, and gloo then
+            # aborts the process now and then ("terminate called without an active exception").
+            gc.collect()
             dist.destroy_process_group()
 
 
