@@ -420,6 +420,14 @@ class Shapes:
         rng = np.random.default_rng([seed, g])  # two numbers; validation pictures use three, so never the same
         return self.draw(rng, *self.train_combos[rng.integers(len(self.train_combos))], image_size)[:2]
 
+    def train_batch(self, examples, seed, preprocess, image_size):
+        pairs = [self.train_pair(g, seed, image_size) for g in examples]
+        return preprocess([image for image, _ in pairs], image_size), [caption for _, caption in pairs]
+
+    def validation_set(self, preprocess, image_size):
+        pictures, captions, candidates, answers, held_out = self.val_pairs(image_size)
+        return preprocess(pictures, image_size), captions, candidates, answers, held_out
+
     def val_pairs(self, image_size):
         """(pictures, captions, candidates, answers, held out?) of the validation split: the candidates
         of a picture are the indices in labels of the 18 captions with its size and place."""
@@ -467,6 +475,7 @@ class ImageFolder:
                             "it needs at least one of each")
         self.labels = sorted({text for _, text in self.val})  # the zero-shot candidates
         self.images = {}
+        self.order = (None, None)  # ((seed, epoch), permutation): the last epoch's shuffle
 
     @staticmethod
     def read(folder):
@@ -509,6 +518,24 @@ class ImageFolder:
             self.images[key] = torch.stack(tensors)
         return self.images[key]
 
+    def train_batch(self, examples, seed, preprocess, image_size):
+        """Example g is position g % N of epoch g // N's shuffle of the N training images."""
+        picks = [self.shuffle(seed, g) for g in examples]
+        return self.pictures("train", preprocess, image_size)[picks], [self.train[i][1] for i in picks]
+
+    def shuffle(self, seed, g):
+        epoch, position = divmod(g, len(self.train))
+        if self.order[0] != (seed, epoch):
+            self.order = ((seed, epoch), np.random.default_rng([seed, epoch]).permutation(len(self.train)))
+        return self.order[1][position]
+
+    def validation_set(self, preprocess, image_size):
+        """Every image against all distinct captions of the split; its own is the answer."""
+        captions = [text for _, text in self.val]
+        candidates = [list(range(len(self.labels)))] * len(captions)
+        answers = [self.labels.index(text) for text in captions]
+        return self.pictures("val", preprocess, image_size), captions, candidates, answers, None
+
     def describe(self):
         return (f"{len(self.train):,} training and {len(self.val):,} validation images, "
                 f"{len(self.labels)} distinct validation captions")
@@ -550,10 +577,10 @@ class ImageText:
         self.preprocess = preprocess
         corpus = self.data.caption_corpus()
         self.tokenizer, key = train_tokenizer(corpus, vocab_size, special_tokens=(PAD,))
-        name = "shapes" if source is None else sha256("\n".join(f"{p.name}\t{t}" for p, t in self.data.train + self.data.val))
+        name = "shapes" if source is None else sha256("\n".join(
+            f"{p.name}\t{p.stat().st_size}\t{t}" for p, t in self.data.train + self.data.val))
         self.fingerprint = {"images": name, "tokenizer": key}
         self.val = None
-        self.order = (None, None)  # (seed, epoch), permutation: the folder's shuffle, cached
 
     def describe(self):
         return f"{self.data.describe()}, vocabulary {self.tokenizer.n_vocab}"
@@ -565,25 +592,17 @@ class ImageText:
         if config.max_seq_len < 2:
             raise DataError("captions need max_seq_len of at least 2: one token and the padding the model pools")
         self.validation(config)  # reads (and checks) every image now, before anything is written
-        if isinstance(self.data, ImageFolder):
-            self.data.pictures("train", self.preprocess, config.image_size)
+        self.data.train_batch([0], 0, self.preprocess, config.image_size)
 
     def unit(self, config):
         return "pairs", 1
 
     def validation(self, config):
         """(pixel_values, input_ids, candidates, answers, held_out, label_ids) of the validation split:
-        image i is to pick label candidates[i, answers[i]] among the labels candidates[i]."""
+        image i is to pick label candidates[i, answers[i]] among the labels candidates[i]; held_out
+        marks the shapes of combinations never trained on (None for a folder)."""
         if self.val is None or self.val[0].shape[-1] != config.image_size:
-            if isinstance(self.data, Shapes):
-                images, captions, candidates, answers, held_out = self.data.val_pairs(config.image_size)
-                pixels = self.preprocess(images, config.image_size)
-            else:
-                pixels = self.data.pictures("val", self.preprocess, config.image_size)
-                captions = [text for _, text in self.data.val]
-                candidates = [list(range(len(self.data.labels)))] * len(captions)
-                answers = [self.data.labels.index(text) for text in captions]
-                held_out = None
+            pixels, captions, candidates, answers, held_out = self.data.validation_set(self.preprocess, config.image_size)
             # A fixed shuffle, so that a validation batch mixes captions as a training batch does (a
             # folder sorted by class, or the shapes in their order, would fill a batch with one).
             order = torch.from_numpy(np.random.default_rng(0).permutation(len(answers)))
@@ -594,22 +613,8 @@ class ImageText:
         return self.val
 
     def batch(self, examples, seed, config):
-        if isinstance(self.data, Shapes):
-            pairs = [self.data.train_pair(g, seed, config.image_size) for g in examples]
-            pixels = self.preprocess([image for image, _ in pairs], config.image_size)
-            captions = [caption for _, caption in pairs]
-        else:
-            picks = [self.shuffle(seed, g) for g in examples]
-            pixels = self.data.pictures("train", self.preprocess, config.image_size)[picks]
-            captions = [self.data.train[i][1] for i in picks]
+        pixels, captions = self.data.train_batch(examples, seed, self.preprocess, config.image_size)
         return {"pixel_values": pixels, "input_ids": caption_ids(self.tokenizer, captions, config.max_seq_len)}
-
-    def shuffle(self, seed, g):
-        """Index of the folder image that is example g: position g % N of epoch g // N's permutation."""
-        epoch, position = divmod(g, len(self.data.train))
-        if self.order[0] != (seed, epoch):
-            self.order = ((seed, epoch), np.random.default_rng([seed, epoch]).permutation(len(self.data.train)))
-        return self.order[1][position]
 
     def stream(self, config, batch_size, **kwargs):
         return PairStream(self, config, batch_size, **kwargs)

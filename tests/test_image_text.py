@@ -157,10 +157,10 @@ def test_image_folder_without_splits_holds_out_the_last_tenth(env, tmp_path):
 def test_folder_epochs_show_every_image_once_in_a_seeded_order(env, tmp_path):
     image_folder(tmp_path / "d", n=30)
     pipe = data.pipeline("image_text", siglip, source=str(tmp_path / "d"), vocab_size=300)
-    first_epoch = [pipe.shuffle(4, g) for g in range(27)]
+    first_epoch = [pipe.data.shuffle(4, g) for g in range(27)]
     assert sorted(first_epoch) == list(range(27))
-    assert [pipe.shuffle(4, g) for g in range(27, 54)] != first_epoch
-    assert [pipe.shuffle(4, g) for g in range(27)] == first_epoch
+    assert [pipe.data.shuffle(4, g) for g in range(27, 54)] != first_epoch
+    assert [pipe.data.shuffle(4, g) for g in range(27)] == first_epoch
 
 
 @pytest.mark.parametrize("problem, match", [
