@@ -85,14 +85,16 @@ class Config:
 
 TASK = "image_text"  # data.py feeds it {"pixel_values": (B, 3, S, S), "input_ids": (B, max_seq_len)}
 HF_ARCHITECTURES = ("SiglipModel",)  # what from_pretrained accepts in a config.json
-# Defaults of `python train.py --model siglip`: about 1M parameters, five minutes on two CPU cores, on
-# 32x32 pictures of shapes with captions of a few words.
+# Defaults of `python train.py --model siglip`: five minutes on two CPU cores. At this budget a
+# narrower model (64 wide, 0.2M parameters) that takes over twice the steps beat a 96-wide, 3-layer one
+# (zero-shot 0.83 against 0.39 on shapes after 150 s on shared cores), and the same recipe reaches
+# 0.97 on a real folder of 1,600 digit scans in three minutes; lr 3e-3 trained unevenly.
 TRAIN_RECIPE = dict(
-    config=dict(image_size=32, patch_size=4, vision_dim=96, vision_layers=3, vision_heads=4, vision_mlp_dim=384,
-                max_seq_len=16, text_dim=96, text_layers=2, text_heads=4, text_mlp_dim=384),
+    config=dict(image_size=32, patch_size=4, vision_dim=64, vision_layers=2, vision_heads=4, vision_mlp_dim=256,
+                max_seq_len=16, text_dim=64, text_layers=1, text_heads=4, text_mlp_dim=256),
     vocab_size=512,
     batch_size=64,
-    lr=1e-3,
+    lr=2e-3,
     warmup_steps=50,
     weight_decay=0.1,
     time_budget=300,
