@@ -361,6 +361,16 @@ def caption_ids(tokenizer, texts, length):
     return torch.from_numpy(ids)
 
 
+def draw_shape(pen, shape, cx, cy, r, fill):
+    """A circle, square or triangle of half-width r centred on (cx, cy), with a pillow ImageDraw pen."""
+    if shape == "circle":
+        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        pen.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+
+
 class Shapes:
     """Pictures made here: one shape of a colour, a size and a place on a noisy grey background, and the
     caption that says so ("a small red circle at the top").
@@ -407,13 +417,7 @@ class Shapes:
         r = image_size * self.SIZES[size] * rng.uniform(0.9, 1.1) / 2
         cx, cy = (image_size * (f + rng.uniform(-0.04, 0.04)) for f in self.PLACES[place])
         fill = tuple(int(v) for v in np.clip(np.array(self.COLOURS[colour]) + rng.integers(-20, 21, 3), 0, 255))
-        pen = ImageDraw.Draw(image)
-        if shape == "circle":
-            pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape == "square":
-            pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        else:
-            pen.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+        draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, fill)
         return image, self.caption(colour, shape, size, place), (size, place)
 
     def train_pair(self, g, seed, image_size):

@@ -621,6 +621,17 @@ def read_safetensors(folder):
     return tensors
 
 
+# copied from data.py: draw_shape
+def draw_shape(pen, shape, cx, cy, r, fill):
+    """A circle, square or triangle of half-width r centred on (cx, cy), with a pillow ImageDraw pen."""
+    if shape == "circle":
+        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        pen.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+
+
 if __name__ == "__main__":
     # Pictures of coloured shapes, captions as UTF-8 bytes (256 is padding), a tiny model trained for a
     # few seconds, then zero-shot classification of new pictures. One thread: matrices this small gain
@@ -639,13 +650,7 @@ if __name__ == "__main__":
         image = Image.new("RGB", (48, 48), tuple(int(v) for v in rng.integers(200, 256, 3)))
         r, cx, cy = rng.integers(9, 15), rng.integers(20, 29), rng.integers(20, 29)
         fill = tuple(int(np.clip(v + rng.integers(-30, 31), 0, 255)) for v in colours[colour])
-        pen = ImageDraw.Draw(image)
-        if shape == "circle":
-            pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape == "square":
-            pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        else:
-            pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, fill)
         return image
 
     def caption_ids(texts, length):
