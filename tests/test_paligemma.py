@@ -1,0 +1,191 @@
+"""paligemma.py against Hugging Face transformers' PaliGemmaForConditionalGeneration, plus the loss, the
+prefix-LM mask, cached decoding and the config's checks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from paligemma import Config, Model, suffix_targets
+
+from conftest import reference  # noqa: E402
+
+transformers = reference("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: a second thread gains nothing and waits on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+VOCAB, IMAGE_TOKEN = 80, 80  # the image placeholder lies outside the text vocabulary, as in the released models
+VISION = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, image_size=12,
+              patch_size=4, vision_use_head=False, layer_norm_eps=1e-3)
+# head_dim differs from hidden_size / num_attention_heads in both; a large eps that a wrong one could not hide under.
+CASES = {
+    "mqa": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=12),
+    "gqa": dict(hidden_size=36, intermediate_size=52, num_hidden_layers=2, num_attention_heads=6,
+                num_key_value_heads=2, head_dim=10, rms_norm_eps=1e-2, rope_parameters=dict(rope_theta=500.0)),
+}
+N_IMAGE = (VISION["image_size"] // VISION["patch_size"]) ** 2
+
+
+def hf_paligemma(folder, case):
+    """A tiny random PaliGemmaForConditionalGeneration with eager attention, saved into folder."""
+    torch.manual_seed(0)
+    text = dict(model_type="gemma", vocab_size=VOCAB, max_position_embeddings=64, **CASES[case])
+    config = transformers.PaliGemmaConfig(text_config=text, vision_config=VISION, projection_dim=text["hidden_size"],
+                                          image_token_index=IMAGE_TOKEN)
+    ref = transformers.PaliGemmaForConditionalGeneration(config).eval()
+    ref.set_attn_implementation("eager")
+    # Fresh norms are zeros (Gemma) or ones and biases zeros; random ones make a swap or a missing 1 + w show.
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(-0.5, 0.5) if "language_model" in name else p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 0.3)
+    ref.save_pretrained(folder)
+    return ref
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    ref = hf_paligemma(folder, request.param)
+    return ref, Model.from_pretrained(folder)
+
+
+def batch(seed=1, B=3, T=10):
+    """Images, text ids (B, T), prefix lengths and how many tokens of each row are not padding."""
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.rand(B, 3, VISION["image_size"], VISION["image_size"], generator=g) * 2 - 1
+    ids = torch.randint(2, VOCAB, (B, T), generator=g)
+    prefix_len = torch.tensor([4, 7, T][:B])
+    lengths = torch.tensor([T, T - 2, T][:B])  # row 1 ends in two padding tokens
+    return pixel_values, ids, prefix_len, lengths
+
+
+def hf_logits(ref, pixel_values, ids, prefix_len, lengths):
+    """transformers' text logits for the same input: image placeholders in front, token_type_ids 0 over image
+    and prefix (one bidirectional block) and 1 over the suffix, attention_mask 0 over the padding."""
+    B, T = ids.shape
+    full = torch.cat([torch.full((B, N_IMAGE), IMAGE_TOKEN), ids], dim=1)
+    pos = torch.arange(N_IMAGE + T)
+    token_type_ids = (pos[None] >= N_IMAGE + prefix_len[:, None]).long()
+    attention_mask = (pos[None] < N_IMAGE + lengths[:, None]).long()
+    with torch.no_grad():
+        out = ref(input_ids=full, pixel_values=pixel_values, token_type_ids=token_type_ids,
+                  attention_mask=attention_mask)
+    return out.logits[:, N_IMAGE:]
+
+
+def test_logits_match_transformers_with_prefix_mask_and_padding(pair):
+    ref, model = pair
+    pixel_values, ids, prefix_len, lengths = batch()
+    expected = hf_logits(ref, pixel_values, ids, prefix_len, lengths)
+    with torch.no_grad():
+        logits, _ = model(pixel_values, ids, prefix_len)
+    for row, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(logits[row, :n], expected[row, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_loss_is_cross_entropy_on_suffix_tokens(pair):
+    _, model = pair
+    pixel_values, ids, prefix_len, lengths = batch()
+    pad = 1
+    ids[1, 8:] = pad
+    targets = suffix_targets(ids, prefix_len, pad_id=pad)
+    logits, loss = model(pixel_values, ids, prefix_len, targets)
+    terms = []
+    for row in range(len(ids)):
+        for t in range(prefix_len[row] - 1, lengths[row] - 1):  # position t predicts suffix token t + 1
+            terms.append(F.cross_entropy(logits[row, t], ids[row, t + 1]))
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    assert (targets[2] == -100).all()  # a row that is all prefix has nothing to score
+
+
+def test_mask_is_bidirectional_over_the_prefix_and_causal_over_the_suffix(pair):
+    _, model = pair
+    pixel_values, ids, prefix_len, _ = batch(B=1)
+    prefix_len = torch.tensor([5])
+    with torch.no_grad():
+        base, _ = model(pixel_values, ids, prefix_len)
+        later_prefix = ids.clone()
+        later_prefix[0, 4] = (ids[0, 4] + 1) % VOCAB
+        changed, _ = model(pixel_values, later_prefix, prefix_len)
+        later_suffix = ids.clone()
+        later_suffix[0, 8] = (ids[0, 8] + 1) % VOCAB
+        causal, _ = model(pixel_values, later_suffix, prefix_len)
+        other_image, _ = model(-pixel_values, ids, prefix_len)
+    assert not torch.allclose(changed[0, 1], base[0, 1])  # an earlier prefix position sees a later one
+    assert torch.equal(causal[0, :8], base[0, :8])  # no suffix position sees a later one
+    assert not torch.allclose(causal[0, 8:], base[0, 8:])
+    assert not torch.allclose(other_image[0, 0], base[0, 0])  # the text sees the image
+
+
+def test_kv_cache_decoding_equals_full_recomputation(pair):
+    _, model = pair
+    pixel_values, ids, _, _ = batch(B=2, T=6)
+    out = model.generate(pixel_values, ids, 8, temperature=0)
+    tokens = ids
+    with torch.no_grad():
+        for _ in range(8):  # recompute everything for each token; the prompt stays the prefix
+            logits, _ = model(pixel_values, tokens, torch.tensor([6, 6]))
+            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, tokens)
+
+
+def test_greedy_generate_matches_transformers(pair):
+    ref, model = pair
+    pixel_values, ids, _, _ = batch(B=2, T=6)
+    full = torch.cat([torch.full((2, N_IMAGE), IMAGE_TOKEN), ids], dim=1)
+    expected = ref.generate(input_ids=full, pixel_values=pixel_values, token_type_ids=torch.zeros_like(full),
+                            attention_mask=torch.ones_like(full), max_new_tokens=10, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[:, N_IMAGE:]
+    assert torch.equal(model.generate(pixel_values, ids, 10, temperature=0), expected)
+
+
+def test_stream_stops_at_eos_and_sampling_is_seeded(pair):
+    _, model = pair
+    pixel_values, ids, _, _ = batch(B=1, T=6)
+    first = model.generate(pixel_values, ids, 1, temperature=0)[0, -1].item()
+    assert len(list(model.generate_stream(pixel_values, ids, 10, temperature=0, eos_id=first))) == 1
+    a = model.generate(pixel_values, ids, 8, temperature=1.0, top_k=5, top_p=0.9, seed=3)
+    assert torch.equal(a, model.generate(pixel_values, ids, 8, temperature=1.0, top_k=5, top_p=0.9, seed=3))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("dim", 0), ("n_layers", -1), ("head_dim", 7), ("n_kv_heads", 3), ("patch_size", 5), ("vision_heads", 3),
+    ("norm_eps", 0.0), ("rope_theta", float("inf")), ("vocab_size", 1.5), ("n_heads", True), ("max_seq_len", 4),
+])
+def test_bad_config_values_raise(field, value):
+    with pytest.raises(ValueError, match=field):
+        Config(**{field: value})
+
+
+def test_paligemma2_is_refused_clearly(tmp_path):
+    text = dict(model_type="gemma2", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=1, head_dim=12)
+    config = transformers.PaliGemmaConfig(text_config=text, vision_config=VISION, projection_dim=32)
+    config.architectures = ["PaliGemmaForConditionalGeneration"]
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="PaliGemma 2"):
+        Model.from_pretrained(tmp_path)
+
+
+def test_bad_inputs_get_clear_errors(pair):
+    _, model = pair
+    pixel_values, ids, _, _ = batch(B=1, T=6)
+    with pytest.raises(ValueError, match="prefix_len"):
+        model(pixel_values, ids, torch.tensor([0]))
+    with pytest.raises(ValueError, match="context"):
+        model.generate(pixel_values, ids, 64)
+    with pytest.raises(ValueError, match="one image per prefix"):
+        model.generate(pixel_values.repeat(2, 1, 1, 1), ids, 2)
