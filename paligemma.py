@@ -320,8 +320,8 @@ class Model(nn.Module):
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        # The reference counts positions from 1 (its image tokens sit after a position 0 it never uses),
-        # so the tables hold one row more and are read from row 1.
+        # The reference counts positions from 1, so the tables hold one row more and are read from row 1.
+        # RoPE depends only on the distance between positions, so this changes nothing but rounding.
         cos, sin = rope_tables(c.head_dim, c.max_seq_len + 1, c.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
