@@ -61,7 +61,7 @@ def hf_paligemma(folder, case):
 def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref = hf_paligemma(folder, request.param)
-    return ref, Model.from_pretrained(folder)
+    return ref, Model.from_pretrained(folder), folder
 
 
 def batch(seed=1, B=3, T=10):
@@ -89,7 +89,7 @@ def hf_logits(ref, pixel_values, ids, prefix_len, lengths):
 
 
 def test_logits_match_transformers_with_prefix_mask_and_padding(pair):
-    ref, model = pair
+    ref, model, _ = pair
     pixel_values, ids, prefix_len, lengths = batch()
     expected = hf_logits(ref, pixel_values, ids, prefix_len, lengths)
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_logits_match_transformers_with_prefix_mask_and_padding(pair):
 
 
 def test_loss_is_cross_entropy_on_suffix_tokens(pair):
-    _, model = pair
+    _, model, _ = pair
     pixel_values, ids, prefix_len, lengths = batch()
     pad = 1
     ids[1, 8:] = pad
@@ -114,7 +114,7 @@ def test_loss_is_cross_entropy_on_suffix_tokens(pair):
 
 
 def test_mask_is_bidirectional_over_the_prefix_and_causal_over_the_suffix(pair):
-    _, model = pair
+    _, model, _ = pair
     pixel_values, ids, prefix_len, _ = batch(B=1)
     prefix_len = torch.tensor([5])
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_mask_is_bidirectional_over_the_prefix_and_causal_over_the_suffix(pair):
 def test_kv_cache_decoding_equals_full_recomputation(pair, temperature):
     """Greedy, and sampled with the same seed: a sample follows the whole distribution, so a cache that
     shifts the logits changes the tokens even where the argmax would not."""
-    _, model = pair
+    _, model, _ = pair
     pixel_values, ids, _, _ = batch(B=2, T=6)
     out = model.generate(pixel_values, ids, 12, temperature=temperature, seed=5)
     tokens, generator = ids, torch.Generator().manual_seed(5)
@@ -149,7 +149,7 @@ def test_kv_cache_decoding_equals_full_recomputation(pair, temperature):
 
 
 def test_greedy_generate_matches_transformers(pair):
-    ref, model = pair
+    ref, model, _ = pair
     pixel_values, ids, _, _ = batch(B=2, T=6)
     full = torch.cat([torch.full((2, N_IMAGE), IMAGE_TOKEN), ids], dim=1)
     expected = ref.generate(input_ids=full, pixel_values=pixel_values, token_type_ids=torch.zeros_like(full),
@@ -159,7 +159,7 @@ def test_greedy_generate_matches_transformers(pair):
 
 
 def test_stream_stops_at_eos_and_sampling_is_seeded(pair):
-    _, model = pair
+    _, model, _ = pair
     pixel_values, ids, _, _ = batch(B=1, T=6)
     first = model.generate(pixel_values, ids, 1, temperature=0)[0, -1].item()
     assert len(list(model.generate_stream(pixel_values, ids, 10, temperature=0, eos_id=first))) == 1
@@ -187,7 +187,7 @@ def test_paligemma2_is_refused_clearly(tmp_path):
 
 
 def test_bad_inputs_get_clear_errors(pair):
-    _, model = pair
+    _, model, _ = pair
     pixel_values, ids, _, _ = batch(B=1, T=6)
     with pytest.raises(ValueError, match="prefix_len"):
         model(pixel_values, ids, torch.tensor([0]))
@@ -195,3 +195,23 @@ def test_bad_inputs_get_clear_errors(pair):
         model.generate(pixel_values, ids, 64)
     with pytest.raises(ValueError, match="one image per prefix"):
         model.generate(pixel_values.repeat(2, 1, 1, 1), ids, 2)
+
+
+@pytest.mark.parametrize("layout", ["hub", "runtime"])
+def test_other_tensor_layouts_load_the_same_weights(pair, tmp_path, layout):
+    """The released checkpoints name the vision tower vision_tower.vision_model.*; transformers 5 holds the
+    model as model.vision_tower.*, model.language_model.* (without the inner .model)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, model, folder = pair
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    tensors = load_file(tmp_path / "model.safetensors")
+    if layout == "hub":
+        rename = lambda k: k.replace("vision_tower.", "vision_tower.vision_model.")  # noqa: E731
+    else:
+        rename = lambda k: "model." + k.replace("language_model.model.", "language_model.")  # noqa: E731
+    save_file({rename(k): v for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    loaded = Model.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
