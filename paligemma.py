@@ -149,6 +149,8 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+# VisionEncoder names MAPHead only when use_head is True; PaliGemma feeds every patch to the decoder,
+# builds it with use_head=False, and so leaves the pooling head out of this file.
 # copied from siglip.py: VisionEncoder
 class VisionEncoder(nn.Module):
     """ViT: non-overlapping patches, learned position embeddings, encoder blocks, a final LayerNorm.
