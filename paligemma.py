@@ -351,10 +351,16 @@ class Model(nn.Module):
         w = self.tok_embeddings.weight
         return self.tok_embeddings(ids) * torch.tensor(self.config.dim**0.5, dtype=w.dtype, device=w.device)
 
-    def decoder(self, x, mask, pos=0):
-        """The decoder on embeddings x (B, T, dim) at positions pos..pos+T -> logits (B, T, vocab_size)."""
-        T = x.size(1)
-        cos, sin = self.rope_cos[pos + 1 : pos + T + 1], self.rope_sin[pos + 1 : pos + T + 1]
+    def decoder(self, x, mask, pos=0, positions=None):
+        """The decoder on embeddings x (B, T, dim), cached from index pos -> logits (B, T, vocab_size).
+
+        positions: RoPE positions (T,) or, for left-padded rows, (B, T); by default pos..pos+T.
+        """
+        if positions is None:
+            positions = torch.arange(pos, pos + x.size(1), device=x.device)
+        cos, sin = self.rope_cos[positions + 1], self.rope_sin[positions + 1]
+        if positions.dim() == 2:  # (B, T, D) -> (B, 1, T, D), the same for every head
+            cos, sin = cos[:, None], sin[:, None]
         for layer in self.layers:
             x = layer(x, cos, sin, mask, pos)
         return F.linear(self.norm(x), self.tok_embeddings.weight)  # tied head
@@ -385,12 +391,15 @@ class Model(nn.Module):
         return sum(p.numel() for p in self.parameters())  # the tied head is the embedding, counted once
 
     def generate_stream(self, pixel_values, prefix_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        eos_id=None, seed=None):
+                        eos_id=None, seed=None, prefix_len=None):
         """Yield up to max_new_tokens (B,) tensors of new tokens after the images (B, 3, S, S) and the
-        equal-length prefixes prefix_ids (B, T) (bos, prefix, "\\n").
+        prefixes prefix_ids (B, T) (bos, prefix, "\\n"): of equal length, or, with prefix_len (B,), row b
+        holding its prefix in its last prefix_len[b] places, after padding of any id.
 
         The vision tower runs once; image and prefix go through the decoder in one pass, all seeing each
         other, and fill a KV cache; then each new token, which sees everything before it, is one step.
+        Padding is masked out as a key, and the positions of the tokens after it are counted without it,
+        so a padded row gets what it would get alone.
         temperature 0 is greedy. A row that has produced eos_id keeps yielding it, and the stream ends
         once every row has. seed makes sampling reproducible without touching torch's global state.
         """
@@ -414,14 +423,24 @@ class Model(nn.Module):
         caches = [KVCache(B, c.n_kv_heads, N + T + max_new_tokens, c.head_dim, w.dtype, w.device)
                   for _ in self.layers]
         done = torch.zeros(B, dtype=torch.bool, device=prefix_ids.device)
+        # Row b: image tokens, pad[b] padding tokens, then its prefix and the new tokens.
+        pad = T - torch.as_tensor(T if prefix_len is None else prefix_len, device=prefix_ids.device).expand(B)
+        if pad.min() < 0 or pad.max() >= T:
+            raise ValueError(f"prefix_len must lie in [1, {T}], got {(T - pad).tolist()}")
+        index = torch.arange(N + T + max_new_tokens, device=prefix_ids.device)
+        is_pad = (index[None] >= N) & (index[None] < N + pad[:, None])  # (B, L)
+        positions = index[None] - pad[:, None] * (index[None] >= N)  # padding takes no position
         with torch.inference_mode():
             x = torch.cat([self.embed_image(pixel_values), self.embed_text(prefix_ids.long())], dim=1)
         pos = 0
         for _ in range(max_new_tokens):
             # Per step, not around the yield, so that inference mode never leaks into the caller's code.
             with torch.inference_mode():
-                # No mask: the prompt is one bidirectional block, and a new token sees all that came before.
-                logits = self._decode(x, pos, caches)
+                # The prompt is one bidirectional block, and a new token sees all that came before: the
+                # only keys to hide are padding, and without padding nothing needs a mask.
+                end = pos + x.size(1)
+                mask = ~is_pad[:, None, None, :end] if pad.any() else None
+                logits = self._decode(x, pos, caches, mask, positions[:, pos:end])
                 pos += x.size(1)
                 tokens = sample_next(logits, temperature, top_k, top_p, generator)
                 if eos_id is not None:
@@ -433,13 +452,13 @@ class Model(nn.Module):
             if eos_id is not None and done.all():
                 return
 
-    def _decode(self, x, pos, caches):
-        """Logits (B, vocab_size) of the last of the embeddings x at positions pos.., the past in caches,
-        which the layers hold only for the length of this call."""
+    def _decode(self, x, pos, caches, mask, positions):
+        """Logits (B, vocab_size) of the last of the embeddings x, cached from index pos, the past in
+        caches, which the layers hold only for the length of this call."""
         for layer, cache in zip(self.layers, caches):
             layer.attention.cache = cache
         try:
-            return self.decoder(x, None, pos)[:, -1]
+            return self.decoder(x, mask, pos, positions)[:, -1]
         finally:
             for layer in self.layers:
                 layer.attention.cache = None

@@ -215,3 +215,14 @@ def test_other_tensor_layouts_load_the_same_weights(pair, tmp_path, layout):
     save_file({rename(k): v for k, v in tensors.items()}, tmp_path / "model.safetensors")
     loaded = Model.from_pretrained(tmp_path).state_dict()
     assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
+
+
+def test_left_padded_batch_generates_what_each_row_generates_alone(pair):
+    _, model, _ = pair
+    pixel_values, ids, _, _ = batch(B=2, T=6)
+    padded = ids.clone()
+    padded[1, :3] = 0  # row 1: three padding tokens, then a prefix of three
+    out = model.generate(pixel_values, padded, 8, temperature=0, prefix_len=torch.tensor([6, 3]))
+    assert torch.equal(out[0], model.generate(pixel_values[:1], ids[:1], 8, temperature=0)[0])
+    alone = model.generate(pixel_values[1:], ids[1:, 3:], 8, temperature=0)[0]
+    assert torch.equal(out[1, 3:], alone)
