@@ -149,16 +149,15 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-# VisionEncoder names MAPHead only when use_head is True; PaliGemma feeds every patch to the decoder,
-# builds it with use_head=False, and so leaves the pooling head out of this file.
 # copied from siglip.py: VisionEncoder
 class VisionEncoder(nn.Module):
     """ViT: non-overlapping patches, learned position embeddings, encoder blocks, a final LayerNorm.
 
-    forward returns every patch (B, N, dim); the MAP head, when there is one, pools them.
+    forward returns every patch (B, N, dim): SigLIP pools them with a MAPHead, PaliGemma hands them all
+    to its decoder.
     """
 
-    def __init__(self, image_size, patch_size, dim, n_layers, n_heads, mlp_dim, eps, use_head=True):
+    def __init__(self, image_size, patch_size, dim, n_layers, n_heads, mlp_dim, eps):
         super().__init__()
         self.image_size, self.patch_size = image_size, patch_size
         # A convolution whose stride is its size: one linear map applied to each flattened patch.
@@ -166,7 +165,6 @@ class VisionEncoder(nn.Module):
         self.pos_embed = nn.Embedding((image_size // patch_size) ** 2, dim)
         self.blocks = nn.ModuleList(EncoderBlock(dim, n_heads, mlp_dim, eps) for _ in range(n_layers))
         self.post_norm = nn.LayerNorm(dim, eps=eps)
-        self.head = MAPHead(dim, n_heads, mlp_dim, eps) if use_head else None
 
     def forward(self, pixel_values):
         S = self.image_size
@@ -317,7 +315,7 @@ class Model(nn.Module):
         super().__init__()
         self.config = c = config
         self.vision = VisionEncoder(c.image_size, c.patch_size, c.vision_dim, c.vision_layers, c.vision_heads,
-                                    c.vision_mlp_dim, c.vision_eps, use_head=False)
+                                    c.vision_mlp_dim, c.vision_eps)
         self.projector = nn.Linear(c.vision_dim, c.dim)
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))

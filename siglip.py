@@ -199,10 +199,11 @@ class MAPHead(nn.Module):
 class VisionEncoder(nn.Module):
     """ViT: non-overlapping patches, learned position embeddings, encoder blocks, a final LayerNorm.
 
-    forward returns every patch (B, N, dim); the MAP head, when there is one, pools them.
+    forward returns every patch (B, N, dim): SigLIP pools them with a MAPHead, PaliGemma hands them all
+    to its decoder.
     """
 
-    def __init__(self, image_size, patch_size, dim, n_layers, n_heads, mlp_dim, eps, use_head=True):
+    def __init__(self, image_size, patch_size, dim, n_layers, n_heads, mlp_dim, eps):
         super().__init__()
         self.image_size, self.patch_size = image_size, patch_size
         # A convolution whose stride is its size: one linear map applied to each flattened patch.
@@ -210,7 +211,6 @@ class VisionEncoder(nn.Module):
         self.pos_embed = nn.Embedding((image_size // patch_size) ** 2, dim)
         self.blocks = nn.ModuleList(EncoderBlock(dim, n_heads, mlp_dim, eps) for _ in range(n_layers))
         self.post_norm = nn.LayerNorm(dim, eps=eps)
-        self.head = MAPHead(dim, n_heads, mlp_dim, eps) if use_head else None
 
     def forward(self, pixel_values):
         S = self.image_size
@@ -269,6 +269,7 @@ class Model(nn.Module):
         self.config = c = config
         self.vision = VisionEncoder(c.image_size, c.patch_size, c.vision_dim, c.vision_layers, c.vision_heads,
                                     c.vision_mlp_dim, c.norm_eps)
+        self.vision_head = MAPHead(c.vision_dim, c.vision_heads, c.vision_mlp_dim, c.norm_eps)
         self.text = TextEncoder(c.vocab_size, c.max_seq_len, c.text_dim, c.text_layers, c.text_heads, c.text_mlp_dim,
                                 c.vision_dim, c.norm_eps)
         # The paper's initialisation, t' = log 10 and b = -10: all but B of the B^2 pairs of a batch are
@@ -294,7 +295,7 @@ class Model(nn.Module):
 
     def encode_image(self, pixel_values):
         """(B, 3, S, S) -> (B, vision_dim) pooled image embeddings, not normalised."""
-        return self.vision.head(self.vision(pixel_values))
+        return self.vision_head(self.vision(pixel_values))
 
     def encode_text(self, input_ids):
         """(B, max_seq_len) -> (B, vision_dim) pooled text embeddings, not normalised."""
@@ -525,7 +526,7 @@ def preprocess(image, image_size):
 
 # Our parameter names -> Hugging Face's, applied in order to a name such as vision.blocks.0.attn.q_proj.weight.
 HF_NAMES = [
-    ("vision.", "vision_model."), ("text.", "text_model."), ("patch_embed", "embeddings.patch_embedding"),
+    ("vision_head.", "vision_model.head."), ("vision.", "vision_model."), ("text.", "text_model."), ("patch_embed", "embeddings.patch_embedding"),
     ("pos_embed", "embeddings.position_embedding"), ("tok_embed", "embeddings.token_embedding"),
     ("blocks.", "encoder.layers."), ("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.", "self_attn."),
     ("post_norm", "post_layernorm"), ("final_norm", "final_layer_norm"), ("head.norm", "head.layernorm"),

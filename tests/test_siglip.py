@@ -455,7 +455,7 @@ def test_paper_initialisation_and_metrics():
     assert set(metrics) == {"t", "b", "gap", "acc"} and metrics["t"] == pytest.approx(10) and metrics["b"] == -10
     # A collapsed model, every image and every caption on one vector, shows a gap of zero.
     with torch.no_grad():
-        for linear in (model.vision.head.out_proj, model.vision.head.mlp.fc2, model.text.head):
+        for linear in (model.vision_head.out_proj, model.vision_head.mlp.fc2, model.text.head):
             linear.weight.zero_()
             linear.bias.fill_(1.0)
     logits, _ = model(pixel_values, input_ids)
