@@ -5,6 +5,8 @@ A model file names its pipeline with TASK; PIPELINES maps that name to the class
     causal_lm   text -> byte-level BPE (bpe.py) -> memory-mapped token file -> windows {idx, targets}
     image_text  pictures of shapes made here, or an image folder with captions -> {pixel_values,
                 input_ids}; images go through the model file's own preprocess(image, image_size)
+    prefix_lm   pictures of shapes with questions, or an image folder with prefixes and suffixes ->
+                {pixel_values, input_ids, prefix_len, targets}; only the suffix is scored
 
 Every pipeline offers the same few methods, so train.py never needs to know which one it drives:
     model_config()       Config fields the data decides (the vocabulary size)
@@ -691,7 +693,289 @@ class ImageText:
         self.tokenizer.save(out_dir)
 
 
-PIPELINES = {"causal_lm": CausalLM, "image_text": ImageText}
+# ------------------------------------------------------------------------------------ prefix LM
+
+BOS, EOS = "<|bos|>", "<|eos|>"  # around every text of a prefix-LM example; PAD fills the rest
+
+
+def text_length(config):
+    """Text positions of a prefix-LM example: the context less the image tokens in front of the text."""
+    n_image = getattr(config, "n_image_tokens", None)
+    if n_image is None:
+        n_image = (config.image_size // config.patch_size) ** 2
+    return config.max_seq_len - n_image
+
+
+class ShapeQuestions:
+    """Shapes as captioning and visual questions: each picture is asked to be captioned, or asked its
+    colour, shape, place or size. Training example g of a seed is one picture and one question, both
+    drawn from a generator seeded with (seed, g), never of a HELD_OUT combination; validation holds
+    VAL_PER_COMBINATION fresh pictures of every combination, each asked every question."""
+
+    QUESTIONS = {"caption": "caption en", "color": "answer en what color is the shape?",
+                 "shape": "answer en what shape is it?", "place": "answer en where is the shape?",
+                 "size": "answer en how big is the shape?"}
+    VAL_PER_COMBINATION = 4
+
+    def __init__(self):
+        self.shapes = Shapes()
+
+    @staticmethod
+    def answer(kind, colour, shape, size, place, caption):
+        return {"caption": caption, "color": colour, "shape": shape, "place": place, "size": size}[kind]
+
+    def corpus(self):
+        """Every prompt and answer the data can show, for the tokenizer."""
+        return "\n".join([*self.QUESTIONS.values(), *self.shapes.labels])
+
+    def train_example(self, g, seed, image_size):
+        """(picture, prefix, suffix) of training example g."""
+        rng = np.random.default_rng([seed, g])
+        colour, shape = self.shapes.train_combos[rng.integers(len(self.shapes.train_combos))]
+        image, caption, (size, place) = self.shapes.draw(rng, colour, shape, image_size)
+        kind = list(self.QUESTIONS)[rng.integers(len(self.QUESTIONS))]
+        return image, self.QUESTIONS[kind], self.answer(kind, colour, shape, size, place, caption)
+
+    def train_batch(self, examples, seed, preprocess, image_size):
+        triples = [self.train_example(g, seed, image_size) for g in examples]
+        return preprocess([t[0] for t in triples], image_size), [t[1:] for t in triples]
+
+    def validation_set(self, preprocess, image_size):
+        """(pictures (M, 3, S, S), examples): one example (picture index, prefix, suffix, question, held
+        out?) per picture and question."""
+        pictures, examples = [], []
+        for k, (colour, shape) in enumerate(self.shapes.combos):
+            for i in range(self.VAL_PER_COMBINATION):
+                # Three numbers, as Shapes' validation pictures, with a last one of its own.
+                rng = np.random.default_rng([i, k, 2])
+                image, caption, (size, place) = self.shapes.draw(rng, colour, shape, image_size)
+                for kind, prompt in self.QUESTIONS.items():
+                    answer = self.answer(kind, colour, shape, size, place, caption)
+                    examples.append((len(pictures), prompt, answer, kind, (colour, shape) in self.shapes.HELD_OUT))
+                pictures.append(image)
+        return preprocess(pictures, image_size), examples
+
+    def describe(self):
+        n = len(self.shapes.combos) * self.VAL_PER_COMBINATION
+        return (f"shapes with {len(self.QUESTIONS)} questions, {len(self.shapes.HELD_OUT)} colour-shape "
+                f"combinations never trained on, {n} validation pictures")
+
+
+class PrefixFolder(ImageFolder):
+    """An image folder whose metadata.jsonl lines are {"file_name": ..., "prefix": ..., "suffix": ...},
+    split as ImageFolder splits it; a training pair's text is the tuple (prefix, suffix)."""
+
+    @staticmethod
+    def read(folder):
+        import json
+
+        pairs = []
+        path = folder / "metadata.jsonl"
+        shape = '{"file_name": ..., "prefix": ..., "suffix": ...}'
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path} line {n} is not JSON; each line must be {shape}") from None
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                       for k in ("file_name", "prefix", "suffix")):
+                raise DataError(f"{path} line {n} lacks the \"file_name\", \"prefix\" and \"suffix\" strings; "
+                                f"each line must be {shape}")
+            image = folder / record["file_name"]
+            if not image.is_file():
+                raise DataError(f"{path} line {n} names {record['file_name']}, which is not in {folder}")
+            pairs.append((image, (record["prefix"], record["suffix"])))
+        return pairs
+
+    def corpus(self):
+        return "\n".join(f"{p}\n{s}" for _, (p, s) in self.train + self.val)
+
+    def validation_set(self, preprocess, image_size):
+        examples = [(i, p, s, None, False) for i, (_, (p, s)) in enumerate(self.val)]
+        return self.pictures("val", preprocess, image_size), examples
+
+    def describe(self):
+        return f"{len(self.train):,} training and {len(self.val):,} validation images with a prefix and a suffix"
+
+
+class PrefixLM:
+    """Image, prefix and suffix for a PaliGemma-style model: the text of an example is
+    [bos, prefix, "\\n"][suffix, eos][pad ...], cut to the text length, and only suffix and eos are
+    scored. val_loss is the mean suffix cross-entropy; val_accuracy the share of validation examples
+    whose greedy answer, decoded up to eos, equals the suffix (both stripped)."""
+
+    def __init__(self, source=None, vocab_size=512, preprocess=None, val_fraction=0.1):
+        if preprocess is None:
+            raise DataError("a prefix-LM model file must define preprocess(image, image_size) for data.py to call")
+        self.data = ShapeQuestions() if source is None else PrefixFolder(source, val_fraction)
+        self.preprocess = preprocess
+        self.tokenizer, key = train_tokenizer(self.data.corpus(), vocab_size, special_tokens=(BOS, EOS, PAD))
+        self.bos, self.eos, self.pad = (self.tokenizer.special_tokens[t] for t in (BOS, EOS, PAD))
+        self.newline = self.tokenizer.encode_ordinary("\n")
+        name = "shapes-qa" if source is None else sha256("\n".join(
+            f"{p.name}\t{p.stat().st_size}\t{t}" for p, t in self.data.train + self.data.val))
+        self.fingerprint = {"images": name, "tokenizer": key}
+        self.val = None
+
+    def describe(self):
+        return f"{self.data.describe()}, vocabulary {self.tokenizer.n_vocab}"
+
+    def model_config(self):
+        return {"vocab_size": self.tokenizer.n_vocab}
+
+    # -------------------------------------------------------------------------------- text
+
+    def prompt_ids(self, prefix, length=None):
+        """[bos] + prefix + "\\n", the prefix cut (never bos or "\\n") to leave one place of length for the suffix."""
+        body = self.tokenizer.encode_ordinary(prefix)
+        if length is not None:
+            body = body[: max(0, length - 2 - len(self.newline))]
+        return [self.bos] + body + self.newline
+
+    def encode(self, pairs, length):
+        """(input_ids (N, length), prefix_len (N,), targets (N, length)) of (prefix, suffix) pairs.
+
+        Position t predicts token t + 1 where that token is the suffix or its eos, else -100: the last
+        prefix place ("\\n") predicts the first suffix token, as paligemma.suffix_targets has it. A
+        suffix too long for the row is cut, and then has no eos.
+        """
+        ids = np.full((len(pairs), length), self.pad, dtype=np.int64)
+        targets = np.full((len(pairs), length), -100, dtype=np.int64)
+        prefix_len = np.zeros(len(pairs), dtype=np.int64)
+        for row, (prefix, suffix) in enumerate(pairs):
+            p = self.prompt_ids(prefix, length)
+            s = (self.tokenizer.encode_ordinary(suffix) + [self.eos])[: length - len(p)]
+            ids[row, : len(p) + len(s)] = p + s
+            targets[row, len(p) - 1 : len(p) + len(s) - 1] = s
+            prefix_len[row] = len(p)
+        return torch.from_numpy(ids), torch.from_numpy(prefix_len), torch.from_numpy(targets)
+
+    def decode_answer(self, ids):
+        """Text of generated ids up to the first eos, special tokens dropped."""
+        ids = list(ids)
+        if self.eos in ids:
+            ids = ids[: ids.index(self.eos)]
+        return self.tokenizer.decode([i for i in ids if i not in (self.bos, self.pad)])
+
+    # ---------------------------------------------------------------------------- protocol
+
+    def check(self, config):
+        length = text_length(config)
+        _, examples = self.validation(config)  # reads (and checks) every validation image now
+        if isinstance(self.data, PrefixFolder):
+            self.data.pictures("train", self.preprocess, config.image_size)
+            prompts = {p for _, (p, _) in self.data.train} | {e[1] for e in examples}
+        else:
+            prompts = set(self.data.QUESTIONS.values())
+        longest = max(prompts, key=lambda p: len(self.prompt_ids(p)))
+        need = len(self.prompt_ids(longest)) + 1
+        if need > length:
+            raise DataError(f"the prompt {longest!r} needs {need} text tokens with bos, \"\\n\" and one answer token, "
+                            f"but max_seq_len {config.max_seq_len} leaves {length} after the image tokens; "
+                            f"raise it (--set max_seq_len={config.max_seq_len - length + need})")
+
+    def unit(self, config):
+        return "examples", 1
+
+    def validation(self, config):
+        """(pixels (M, 3, S, S), examples) of the validation split, made once per image size."""
+        if self.val is None or self.val[0].shape[-1] != config.image_size:
+            self.val = self.data.validation_set(self.preprocess, config.image_size)
+        return self.val
+
+    def batch(self, examples, seed, config):
+        pixels, pairs = self.data.train_batch(examples, seed, self.preprocess, config.image_size)
+        ids, prefix_len, targets = self.encode(pairs, text_length(config))
+        return {"pixel_values": pixels, "input_ids": ids, "prefix_len": prefix_len, "targets": targets}
+
+    def stream(self, config, batch_size, **kwargs):
+        return PairStream(self, config, batch_size, **kwargs)
+
+    def eval_examples(self, config, max_tokens=None):
+        return len(self.validation(config)[1])
+
+    def answer(self, model, pixels, prefixes, config, device, max_new_tokens=None):
+        """Greedy answers (text up to eos) of the model to the prompts, one per picture."""
+        prompts = [self.prompt_ids(p, text_length(config)) for p in prefixes]
+        width = max(len(p) for p in prompts)
+        room = config.max_seq_len - (config.max_seq_len - text_length(config)) - width
+        n_new = max(1, min(room, max_new_tokens or room))
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=device)
+        prefix_len = torch.tensor([len(p) for p in prompts], device=device)
+        out = model.generate(pixels.to(device), ids, n_new, temperature=0, eos_id=self.eos, prefix_len=prefix_len)
+        return [self.decode_answer(row) for row in out[:, width:].tolist()]
+
+    @torch.no_grad()
+    def evaluate(self, model, config, batch_size, device, autocast, max_tokens=None):
+        """val_loss: suffix cross-entropy summed over every validation example, divided by the scored
+        tokens; val_accuracy: exact matches of greedy answers, and for shapes per question
+        (val_accuracy_<question>) and on the held-out combinations. Under DDP each rank takes every
+        world_size-th batch and the sums are all-reduced, so the numbers are those of one process."""
+        pixels, examples = self.validation(config)
+        length = text_length(config)
+        longest = max(len(self.tokenizer.encode_ordinary(e[2])) + 1 for e in examples)
+        kinds = sorted({e[3] for e in examples if e[3] is not None})
+        held = any(e[4] for e in examples)
+        keys = ["all", *kinds] + (["held_out"] if held else [])
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        sums = torch.zeros(2 + 2 * len(keys), dtype=torch.float64)  # nats, tokens, then (right, asked) per key
+        was_training = model.training
+        model.eval()
+        for start in range(rank * batch_size, len(examples), world * batch_size):
+            chunk = examples[start : start + batch_size]
+            pics = pixels[[e[0] for e in chunk]]
+            ids, prefix_len, targets = self.encode([(e[1], e[2]) for e in chunk], length)
+            with autocast():
+                logits, _ = model(pics.to(device), ids.to(device), prefix_len.to(device))
+            targets = targets.to(device)
+            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                       reduction="sum").item()
+            sums[1] += (targets != -100).sum().item()
+            with autocast():
+                answers = self.answer(model, pics, [e[1] for e in chunk], config, device, longest)
+            for e, got in zip(chunk, answers):
+                right = float(got.strip() == e[2].strip())
+                for key in ("all", e[3]) + (("held_out",) if e[4] else ()):
+                    if key in keys:
+                        j = 2 + 2 * keys.index(key)
+                        sums[j : j + 2] += torch.tensor([right, 1.0], dtype=torch.float64)
+        model.train(was_training)
+        if dist.is_initialized():
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        result = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+        for j, key in enumerate(keys):
+            name = "val_accuracy" if key == "all" else f"val_accuracy_{key}"
+            result[name] = (sums[2 + 2 * j] / sums[3 + 2 * j].clamp(min=1)).item()
+        return result
+
+    @torch.no_grad()
+    def demo(self, model, device, max_new_tokens=6, seed=0, **kwargs):
+        """A few validation examples, held-out combinations first: prompt -> the model's answer (the truth)."""
+        config = model.config
+        pixels, examples = self.validation(config)
+        order = np.random.default_rng(seed).permutation(len(examples))
+        picks = sorted(order, key=lambda i: not examples[i][4])[: max(1, min(6, max_new_tokens))]
+        chosen = [examples[i] for i in picks]
+        was_training = model.training
+        model.eval()
+        longest = max(len(self.tokenizer.encode_ordinary(e[2])) + 1 for e in examples)
+        answers = self.answer(model, pixels[[e[0] for e in chosen]], [e[1] for e in chosen], config, device, longest)
+        model.train(was_training)
+        lines = []
+        for e, got in zip(chosen, answers):
+            tag = " [combination never trained on]" if e[4] else ""
+            lines.append(f"{e[1]!r} -> {got.strip()!r} ({e[2]!r}){tag}")
+        return "\n".join(lines)
+
+    def save(self, out_dir):
+        self.tokenizer.save(out_dir)
+
+
+PIPELINES = {"causal_lm": CausalLM, "image_text": ImageText, "prefix_lm": PrefixLM}
 
 
 def pipeline(task, module=None, **kwargs):

@@ -92,6 +92,19 @@ class Config:
 
 TASK = "prefix_lm"  # {"pixel_values": (B, 3, S, S), "input_ids": (B, T), "prefix_len": (B,)}
 HF_ARCHITECTURES = ("PaliGemmaForConditionalGeneration",)  # what from_pretrained accepts in a config.json
+# A first guess for `python train.py --model paligemma` on a CPU for 5 minutes: shapes of 32 pixels in
+# patches of 4 (64 image tokens) and up to 32 text tokens, narrow towers of two layers each.
+TRAIN_RECIPE = dict(
+    config=dict(image_size=32, patch_size=4, vision_dim=64, vision_layers=2, vision_heads=4, vision_mlp_dim=256,
+                dim=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=16, ffn_dim=256, max_seq_len=96),
+    vocab_size=512,
+    batch_size=32,
+    lr=1e-3,
+    warmup_steps=50,
+    weight_decay=0.0,
+    time_budget=300,
+    eval_every=100,
+)
 
 
 # copied from siglip.py: Attention

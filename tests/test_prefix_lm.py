@@ -1,0 +1,155 @@
+"""The prefix-LM pipeline of data.py (shapes with questions, and image folders with prefixes and
+suffixes), and train.py driving paligemma.py through it."""
+
+import contextlib
+import json
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import paligemma
+import train
+
+TINY = ["--model", "paligemma", "--set", "image_size=16", "--set", "patch_size=8", "--set", "vision_dim=16",
+        "--set", "vision_layers=1", "--set", "vision_heads=2", "--set", "vision_mlp_dim=32", "--set", "dim=16",
+        "--set", "n_layers=1", "--set", "n_heads=2", "--set", "head_dim=8", "--set", "ffn_dim=32",
+        "--set", "max_seq_len=40", "--batch-size", "8", "--warmup-steps", "2", "--no-plot", "--threads", "1",
+        "--sample-tokens", "2"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefix_lm")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMS_FROM_SCRATCH_CACHE", str(root / "cache"))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def pipe(env):
+    return data.pipeline("prefix_lm", paligemma, vocab_size=300)
+
+
+def config(**kw):
+    return types.SimpleNamespace(**{"image_size": 16, "patch_size": 8, "max_seq_len": 4 + 64, **kw})
+
+
+def test_sequence_layout_and_targets(pipe):
+    tok = pipe.tokenizer
+    ids, prefix_len, targets = pipe.encode([("answer en what color is the shape?", "red"), ("caption en", "")], 40)
+    prompt = [pipe.bos] + tok.encode_ordinary("answer en what color is the shape?") + tok.encode_ordinary("\n")
+    suffix = tok.encode_ordinary("red") + [pipe.eos]
+    want = prompt + suffix + [pipe.pad] * (40 - len(prompt) - len(suffix))
+    assert ids[0].tolist() == want and prefix_len[0] == len(prompt)
+    expected = [-100] * 40
+    expected[len(prompt) - 1 : len(prompt) + len(suffix) - 1] = suffix
+    assert targets[0].tolist() == expected
+    # An empty suffix still scores its eos; the layout is the one paligemma.suffix_targets scores.
+    assert targets[1].tolist().count(-100) == 39 and pipe.eos in targets[1].tolist()
+    assert torch.equal(targets, paligemma.suffix_targets(ids, prefix_len, pipe.pad))
+    # Too short a row: the prompt keeps bos and "\n" and one place for the suffix, which loses its eos.
+    ids, prefix_len, targets = pipe.encode([("answer en what color is the shape?", "a small red circle")], 5)
+    assert ids[0, 0] == pipe.bos and prefix_len[0] == 4 and (targets[0] != -100).sum() == 1
+    assert pipe.eos not in ids[0].tolist()
+
+
+def test_batches_are_deterministic_and_hold_combinations_out(pipe):
+    c = config()
+    a = next(iter(pipe.stream(c, 4, seed=3)))
+    b = next(iter(pipe.stream(c, 4, seed=3)))
+    assert set(a) == {"pixel_values", "input_ids", "prefix_len", "targets"}
+    assert all(torch.equal(a[k], b[k]) for k in a) and a["pixel_values"].shape == (4, 3, 16, 16)
+    # Two ranks of batch 2 see what one rank of batch 4 sees.
+    halves = [next(iter(pipe.stream(c, 2, seed=3, rank=r, world_size=2))) for r in (0, 1)]
+    assert torch.equal(torch.cat([h["input_ids"] for h in halves]), a["input_ids"])
+    questions = pipe.data
+    seen, kinds = set(), set()
+    for g in range(400):
+        _, prompt, answer = questions.train_example(g, 0, 8)
+        colour = [w for w in questions.shapes.COLOURS if w in answer]
+        kinds.add(prompt)
+        if prompt == questions.QUESTIONS["caption"]:
+            words = answer.split()
+            seen.add((words[2], words[3]))
+    assert seen.isdisjoint(questions.shapes.HELD_OUT) and len(seen) == 18 - 3 and len(kinds) == 5
+    _, examples = pipe.validation(c)
+    combos = {(e[2].split()[2], e[2].split()[3]) for e in examples if e[3] == "caption"}
+    assert len(combos) == 18 and {e[3] for e in examples} == set(questions.QUESTIONS)
+    assert sum(e[4] for e in examples) == 3 * questions.VAL_PER_COMBINATION * 5
+
+
+class StandIn(torch.nn.Module):
+    """forward: uniform logits; generate: the given answers, in order, each followed by eos."""
+
+    def __init__(self, pipe, answers, vocab):
+        super().__init__()
+        self.pipe, self.answers, self.vocab, self.calls = pipe, list(answers), vocab, 0
+
+    def forward(self, pixel_values, input_ids, prefix_len):
+        return torch.zeros(*input_ids.shape, self.vocab), None
+
+    def generate(self, pixel_values, prefix_ids, max_new_tokens, eos_id=None, prefix_len=None, **kwargs):
+        assert eos_id == self.pipe.eos and len(prefix_len) == len(prefix_ids)
+        rows = []
+        for _ in range(len(prefix_ids)):
+            new = (self.pipe.tokenizer.encode_ordinary(self.answers.pop(0)) + [eos_id])[:max_new_tokens]
+            rows.append(new + [eos_id] * (max_new_tokens - len(new)))
+        return torch.cat([prefix_ids, torch.tensor(rows)], dim=1)
+
+
+def test_exact_match_accuracy_is_counted_right(pipe):
+    c = config()
+    _, examples = pipe.validation(c)
+    n = len(examples)
+    right = StandIn(pipe, [e[2] for e in examples], pipe.tokenizer.n_vocab)
+    result = pipe.evaluate(right, c, 32, "cpu", contextlib.nullcontext)
+    assert list(result)[0] == "val_loss" and math.isclose(result["val_loss"], math.log(pipe.tokenizer.n_vocab), rel_tol=1e-6)
+    assert result["val_accuracy"] == 1.0 and result["val_accuracy_held_out"] == 1.0
+    assert all(result[f"val_accuracy_{k}"] == 1.0 for k in pipe.data.QUESTIONS)
+    # Always "red": right exactly on the colour questions about red shapes.
+    red = StandIn(pipe, ["red"] * n, pipe.tokenizer.n_vocab)
+    result = pipe.evaluate(red, c, 32, "cpu", contextlib.nullcontext)
+    assert math.isclose(result["val_accuracy"], sum(e[2] == "red" for e in examples) / n)
+    assert math.isclose(result["val_accuracy_color"], 1 / 6) and result["val_accuracy_caption"] == 0.0
+    assert math.isclose(result["val_accuracy_held_out"], 1 / 3 / 5)  # red triangle: one in three, colour only
+
+
+def prefix_folder(root, n=12, bad=None):
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        name = f"{i:02d}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(root / name)
+        lines.append(json.dumps({"file_name": name, "prefix": "caption en", "suffix": ["a cat", "a dog"][i % 2]}))
+    if bad is not None:
+        lines[3] = bad
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_folder_lines_without_prefix_and_suffix_are_refused(env):
+    for i, bad in enumerate(['{"file_name": "00.png", "text": "a cat"}', "not json"]):
+        folder = prefix_folder(env / f"bad{i}", bad=bad)
+        with pytest.raises(data.DataError, match="metadata.jsonl line 4"):
+            data.pipeline("prefix_lm", paligemma, source=str(folder), vocab_size=300)
+    pipe = data.pipeline("prefix_lm", paligemma, source=str(prefix_folder(env / "good")), vocab_size=300)
+    c = config()
+    pipe.check(c)
+    _, examples = pipe.validation(c)
+    assert len(examples) == 2 and pipe.unit(c) == ("examples", 1)
+    with pytest.raises(data.DataError, match="max_seq_len"):
+        pipe.check(config(max_seq_len=6))
+
+
+def test_train_end_to_end(env):
+    out = env / "run"
+    assert train.main([*TINY, "--out", str(out), "--max-steps", "4", "--eval-every", "0"]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [m for m in lines if "val_accuracy" in m]
+    assert final and "val_loss" in final[-1] and "val_accuracy_held_out" in final[-1]
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
