@@ -71,7 +71,6 @@ def test_batches_are_deterministic_and_hold_combinations_out(pipe):
     seen, kinds = set(), set()
     for g in range(400):
         _, prompt, answer = questions.train_example(g, 0, 8)
-        colour = [w for w in questions.shapes.COLOURS if w in answer]
         kinds.add(prompt)
         if prompt == questions.QUESTIONS["caption"]:
             words = answer.split()
