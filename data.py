@@ -572,6 +572,12 @@ class PairStream(IterableDataset):
             item += n_workers
 
 
+def folder_fingerprint(folder):
+    """sha256 over the names, sizes and texts of an image folder's examples, so that a resumed run
+    notices other data under the same --data."""
+    return sha256("\n".join(f"{p.name}\t{p.stat().st_size}\t{t}" for p, t in folder.train + folder.val))
+
+
 class ImageText:
     """Image-caption pairs for a contrastive model: the sigmoid loss on held-out pairs, and zero-shot
     accuracy, the share of held-out images whose own caption ranks first among the candidates."""
@@ -583,9 +589,7 @@ class ImageText:
         self.preprocess = preprocess
         corpus = self.data.caption_corpus()
         self.tokenizer, key = train_tokenizer(corpus, vocab_size, special_tokens=(PAD,))
-        name = "shapes" if source is None else sha256("\n".join(
-            f"{p.name}\t{p.stat().st_size}\t{t}" for p, t in self.data.train + self.data.val))
-        self.fingerprint = {"images": name, "tokenizer": key}
+        self.fingerprint = {"images": "shapes" if source is None else folder_fingerprint(self.data), "tokenizer": key}
         self.val = None
 
     def describe(self):
@@ -700,10 +704,7 @@ BOS, EOS = "<|bos|>", "<|eos|>"  # around every text of a prefix-LM example; PAD
 
 def text_length(config):
     """Text positions of a prefix-LM example: the context less the image tokens in front of the text."""
-    n_image = getattr(config, "n_image_tokens", None)
-    if n_image is None:
-        n_image = (config.image_size // config.patch_size) ** 2
-    return config.max_seq_len - n_image
+    return config.max_seq_len - config.n_image_tokens
 
 
 class ShapeQuestions:
@@ -735,6 +736,9 @@ class ShapeQuestions:
         image, caption, (size, place) = self.shapes.draw(rng, colour, shape, image_size)
         kind = list(self.QUESTIONS)[rng.integers(len(self.QUESTIONS))]
         return image, self.QUESTIONS[kind], self.answer(kind, colour, shape, size, place, caption)
+
+    def prompts(self):
+        return set(self.QUESTIONS.values())
 
     def train_batch(self, examples, seed, preprocess, image_size):
         triples = [self.train_example(g, seed, image_size) for g in examples]
@@ -792,6 +796,9 @@ class PrefixFolder(ImageFolder):
     def corpus(self):
         return "\n".join(f"{p}\n{s}" for _, (p, s) in self.train + self.val)
 
+    def prompts(self):
+        return {p for _, (p, _) in self.train + self.val}
+
     def validation_set(self, preprocess, image_size):
         examples = [(i, p, s, None, False) for i, (_, (p, s)) in enumerate(self.val)]
         return self.pictures("val", preprocess, image_size), examples
@@ -814,9 +821,7 @@ class PrefixLM:
         self.tokenizer, key = train_tokenizer(self.data.corpus(), vocab_size, special_tokens=(BOS, EOS, PAD))
         self.bos, self.eos, self.pad = (self.tokenizer.special_tokens[t] for t in (BOS, EOS, PAD))
         self.newline = self.tokenizer.encode_ordinary("\n")
-        name = "shapes-qa" if source is None else sha256("\n".join(
-            f"{p.name}\t{p.stat().st_size}\t{t}" for p, t in self.data.train + self.data.val))
-        self.fingerprint = {"images": name, "tokenizer": key}
+        self.fingerprint = {"images": "shapes-qa" if source is None else folder_fingerprint(self.data), "tokenizer": key}
         self.val = None
 
     def describe(self):
@@ -863,13 +868,9 @@ class PrefixLM:
 
     def check(self, config):
         length = text_length(config)
-        _, examples = self.validation(config)  # reads (and checks) every validation image now
-        if isinstance(self.data, PrefixFolder):
-            self.data.pictures("train", self.preprocess, config.image_size)
-            prompts = {p for _, (p, _) in self.data.train} | {e[1] for e in examples}
-        else:
-            prompts = set(self.data.QUESTIONS.values())
-        longest = max(prompts, key=lambda p: len(self.prompt_ids(p)))
+        self.validation(config)  # reads (and checks) every image now, before anything is written
+        self.data.train_batch([0], 0, self.preprocess, config.image_size)
+        longest = max(self.data.prompts(), key=lambda p: len(self.prompt_ids(p)))
         need = len(self.prompt_ids(longest)) + 1
         if need > length:
             raise DataError(f"the prompt {longest!r} needs {need} text tokens with bos, \"\\n\" and one answer token, "
@@ -883,6 +884,8 @@ class PrefixLM:
         """(pixels (M, 3, S, S), examples) of the validation split, made once per image size."""
         if self.val is None or self.val[0].shape[-1] != config.image_size:
             self.val = self.data.validation_set(self.preprocess, config.image_size)
+            # Tokens a greedy answer may need: the longest validation answer and its eos.
+            self.answer_tokens = max(len(self.tokenizer.encode_ordinary(e[2])) + 1 for e in self.val[1])
         return self.val
 
     def batch(self, examples, seed, config):
@@ -900,7 +903,7 @@ class PrefixLM:
         """Greedy answers (text up to eos) of the model to the prompts, one per picture."""
         prompts = [self.prompt_ids(p, text_length(config)) for p in prefixes]
         width = max(len(p) for p in prompts)
-        room = config.max_seq_len - (config.max_seq_len - text_length(config)) - width
+        room = text_length(config) - width
         n_new = max(1, min(room, max_new_tokens or room))
         ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=device)
         prefix_len = torch.tensor([len(p) for p in prompts], device=device)
@@ -915,7 +918,6 @@ class PrefixLM:
         world_size-th batch and the sums are all-reduced, so the numbers are those of one process."""
         pixels, examples = self.validation(config)
         length = text_length(config)
-        longest = max(len(self.tokenizer.encode_ordinary(e[2])) + 1 for e in examples)
         kinds = sorted({e[3] for e in examples if e[3] is not None})
         held = any(e[4] for e in examples)
         keys = ["all", *kinds] + (["held_out"] if held else [])
@@ -934,7 +936,7 @@ class PrefixLM:
                                        reduction="sum").item()
             sums[1] += (targets != -100).sum().item()
             with autocast():
-                answers = self.answer(model, pics, [e[1] for e in chunk], config, device, longest)
+                answers = self.answer(model, pics, [e[1] for e in chunk], config, device, self.answer_tokens)
             for e, got in zip(chunk, answers):
                 right = float(got.strip() == e[2].strip())
                 for key in ("all", e[3]) + (("held_out",) if e[4] else ()):
@@ -962,8 +964,8 @@ class PrefixLM:
         chosen = [examples[i] for i in picks]
         was_training = model.training
         model.eval()
-        longest = max(len(self.tokenizer.encode_ordinary(e[2])) + 1 for e in examples)
-        answers = self.answer(model, pixels[[e[0] for e in chosen]], [e[1] for e in chosen], config, device, longest)
+        answers = self.answer(model, pixels[[e[0] for e in chosen]], [e[1] for e in chosen], config, device,
+                              self.answer_tokens)
         model.train(was_training)
         lines = []
         for e, got in zip(chosen, answers):

@@ -298,3 +298,11 @@ def test_two_ddp_processes_match_one_with_twice_the_batch(env):
     for key in ("loss", "val_loss", "val_accuracy"):
         one, two = ([r[key] for r in records(env / o) if key in r] for o in ("one", "two"))
         assert len(one) == len(two) > 0 and one == pytest.approx(two, rel=1e-5), key
+
+
+def test_a_changed_image_changes_the_folder_fingerprint(env, tmp_path):
+    folder = image_folder(tmp_path / "d", n=12)
+    first = data.pipeline("image_text", siglip, source=str(folder), vocab_size=300).fingerprint
+    assert data.pipeline("image_text", siglip, source=str(folder), vocab_size=300).fingerprint == first
+    picture(99, size=(40, 30)).save(folder / "000.png")  # same name, other picture
+    assert data.pipeline("image_text", siglip, source=str(folder), vocab_size=300).fingerprint != first

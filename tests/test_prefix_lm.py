@@ -36,7 +36,7 @@ def pipe(env):
 
 
 def config(**kw):
-    return types.SimpleNamespace(**{"image_size": 16, "patch_size": 8, "max_seq_len": 4 + 64, **kw})
+    return types.SimpleNamespace(**{"image_size": 16, "n_image_tokens": 4, "max_seq_len": 4 + 64, **kw})
 
 
 def test_sequence_layout_and_targets(pipe):
