@@ -64,7 +64,8 @@ def load_trained(folder):
     except train.CliError:
         raise
     except (OSError, ValueError, KeyError, TypeError, SafetensorError, RuntimeError) as e:
-        raise CliError(f"cannot load the model in {folder} ({type(e).__name__}: {e}); it may be corrupt or incomplete") from None
+        raise CliError(f"cannot load the model in {folder} ({type(e).__name__}: {train.in_one_line(e)}); it may be "
+                       "corrupt, incomplete or written by another version of its model file") from None
     return model, tokenizer, None
 
 

@@ -97,6 +97,13 @@ class CliError(Exception):
     """Bad input, said in one sentence; main() prints it and returns 2."""
 
 
+def in_one_line(error, limit=160):
+    """An exception's message on one line, cut to limit characters: torch's state-dict errors list
+    every key over several lines."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # ------------------------------------------------------------------------------------ model files
 
 
@@ -460,7 +467,7 @@ def load_checkpoint(out, model, config, name, fingerprint, run):
         load_model(model, path)
         check_weights(model, path, metadata)
     except (OSError, SafetensorError, RuntimeError, ValueError) as e:
-        raise CliError(f"the weights {path} are missing, corrupt or truncated ({e}); delete state.pt or pass --fresh") from None
+        raise CliError(f"the weights {path} are missing, corrupt or truncated ({in_one_line(e)}); delete state.pt or pass --fresh") from None
     if metadata.get("step") != str(state["step"]):
         raise CliError(f"{out} holds weights of step {metadata.get('step')} but a training state of step {state['step']}; delete state.pt or pass --fresh")
     return state
