@@ -646,8 +646,9 @@ class Run:
             generator=torch.Generator().manual_seed(args.seed),
         )
         self.batches = iter(loader)
+        self.examples_per_step = self.world * args.grad_accum * args.batch_size
         self.unit, per_example = self.pipe.unit(self.config)
-        self.units_per_step = self.world * args.grad_accum * args.batch_size * per_example
+        self.units_per_step = self.examples_per_step * per_example
         flops = getattr(self.raw_model, "flops_per_token", None)
         self.flops = flops() if flops else None
         self.peak = peak_flops(device, args.peak_flops)
@@ -701,7 +702,7 @@ class Run:
         if self.n_evals:
             return self.eval_seconds / self.n_evals
         examples = self.pipe.eval_examples(self.config, self.args.eval_tokens)
-        return examples * self.per_step / (self.units_per_step / self.pipe.unit(self.config)[1]) / 3
+        return examples * self.per_step / self.examples_per_step / 3
 
     def plan(self):
         """Refresh the schedule's length from the time left, counting the evaluations still to come:
