@@ -707,6 +707,16 @@ def text_length(config):
     return config.max_seq_len - config.n_image_tokens
 
 
+def prefix_ids(tokenizer, prefix, length=None):
+    """[bos] + prefix + "\n" with the tokenizer's special bos, the prefix cut (never bos or "\n") to leave
+    one place of length for the suffix. sample.py asks a trained model the same way."""
+    newline = tokenizer.encode_ordinary("\n")
+    body = tokenizer.encode_ordinary(prefix)
+    if length is not None:
+        body = body[: max(0, length - 2 - len(newline))]
+    return [tokenizer.special_tokens[BOS]] + body + newline
+
+
 class ShapeQuestions:
     """Shapes as captioning and visual questions: each picture is asked to be captioned, or asked its
     colour, shape, place or size. Training example g of a seed is one picture and one question, both
@@ -820,7 +830,6 @@ class PrefixLM:
         self.preprocess = preprocess
         self.tokenizer, key = train_tokenizer(self.data.corpus(), vocab_size, special_tokens=(BOS, EOS, PAD))
         self.bos, self.eos, self.pad = (self.tokenizer.special_tokens[t] for t in (BOS, EOS, PAD))
-        self.newline = self.tokenizer.encode_ordinary("\n")
         self.fingerprint = {"images": "shapes-qa" if source is None else folder_fingerprint(self.data), "tokenizer": key}
         self.val = None
 
@@ -833,11 +842,7 @@ class PrefixLM:
     # -------------------------------------------------------------------------------- text
 
     def prompt_ids(self, prefix, length=None):
-        """[bos] + prefix + "\\n", the prefix cut (never bos or "\\n") to leave one place of length for the suffix."""
-        body = self.tokenizer.encode_ordinary(prefix)
-        if length is not None:
-            body = body[: max(0, length - 2 - len(self.newline))]
-        return [self.bos] + body + self.newline
+        return prefix_ids(self.tokenizer, prefix, length)
 
     def encode(self, pairs, length):
         """(input_ids (N, length), prefix_len (N,), targets (N, length)) of (prefix, suffix) pairs.

@@ -1,11 +1,12 @@
 """
 Stream text from a model trained by train.py, or from a Hugging Face checkpoint folder; rank captions
-for images with an image-text model.
+for images with an image-text model; answer prompts about images with a vision-language model.
 
     python sample.py out/gpt_llama --prompt "The"        # a folder written by train.py
     python sample.py out/gpt_llama                       # interactive: one prompt per line until EOF
     python sample.py --hf path/to/Llama-3.2-1B --prompt "The capital of France is" --temperature 0
     python sample.py out/siglip --image a.png b.png --labels "a red circle,a blue square"
+    python sample.py out/paligemma --image a.png --prompt "answer en what color is the shape?"
 
 For --hf, the model file is the one whose HF_ARCHITECTURES lists the architecture in the folder's
 config.json, and the tokenizer is the folder's tokenizer.model in Llama 3's tiktoken format.
@@ -15,6 +16,7 @@ Text appears as it is generated; the number of tokens per second goes to stderr 
 import argparse
 import ast
 import codecs
+import inspect
 import json
 import math
 import sys
@@ -92,24 +94,19 @@ def load_hf(folder):
     return model, tokenizer, eos if isinstance(eos, int) else None
 
 
-def stream(model, tokenizer, prompt, args, device, eos_id):
-    """Print prompt, then each new piece of text as soon as it decodes; return (tokens, seconds)."""
-    ids = tokenizer.encode_ordinary(prompt)
-    context = model.config.max_seq_len
-    if not ids:
-        raise CliError("the prompt is empty; give at least one character")
-    if len(ids) >= context:
-        raise CliError(f"the prompt is {len(ids)} tokens long but the model's context is {context}; shorten it")
-    n = min(args.max_new_tokens or DEFAULT_NEW_TOKENS, context - len(ids))
+def new_tokens(args, room, context):
+    """How many tokens to generate when room places of the context are left."""
+    n = min(args.max_new_tokens or DEFAULT_NEW_TOKENS, room)
     if args.max_new_tokens and n < args.max_new_tokens:
         print(f"note: generating {n} tokens, what is left of the {context}-token context", file=sys.stderr)
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    return n
+
+
+def write_stream(tokens, tokenizer, eos_id):
+    """Print each new piece of text as soon as it decodes, up to eos; return (tokens, seconds)."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
     count, start = 0, time.time()
-    for token in model.generate_stream(idx, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                       eos_id=eos_id, seed=args.seed):
+    for token in tokens:
         t = int(token[0])
         if t == eos_id:
             break
@@ -121,23 +118,76 @@ def stream(model, tokenizer, prompt, args, device, eos_id):
     return count, time.time() - start
 
 
-def rank_labels(model, tokenizer, args, device):
-    """For each image, every label with the probability the model gives it, best first."""
+def sampling(args, eos_id):
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos_id, seed=args.seed)
+
+
+def stream(model, tokenizer, prompt, args, device, eos_id):
+    """Print prompt, then its continuation as it is generated; return (tokens, seconds)."""
+    ids = tokenizer.encode_ordinary(prompt)
+    context = model.config.max_seq_len
+    if not ids:
+        raise CliError("the prompt is empty; give at least one character")
+    if len(ids) >= context:
+        raise CliError(f"the prompt is {len(ids)} tokens long but the model's context is {context}; shorten it")
+    n = new_tokens(args, context - len(ids), context)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    return write_stream(model.generate_stream(idx, n, **sampling(args, eos_id)), tokenizer, eos_id)
+
+
+def reads_images(model):
+    """Whether the model generates text from images and a prefix (a vision-language model)."""
+    return "pixel_values" in inspect.signature(model.generate_stream).parameters
+
+
+def answer(model, tokenizer, pixels, prompt, args, device):
+    """Print the model's answer to prompt about one image as it is generated; return (tokens, seconds).
+
+    The prompt is asked as training asked it: bos, the prompt and a newline (data.prefix_ids)."""
+    if data.BOS not in tokenizer.special_tokens or data.EOS not in tokenizer.special_tokens:
+        raise CliError(f"the tokenizer has no {data.BOS} and {data.EOS}; sample.py asks models that train.py trained")
+    ids = data.prefix_ids(tokenizer, prompt)
+    context = model.config.max_seq_len
+    room = context - model.config.n_image_tokens - len(ids)
+    if room < 1:
+        raise CliError(f"the prompt is {len(ids)} tokens long with bos and newline, and {model.config.n_image_tokens} "
+                       f"image tokens leave {context - model.config.n_image_tokens} of the {context}-token context; "
+                       "shorten it")
+    n = new_tokens(args, room, context)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    eos_id = tokenizer.special_tokens[data.EOS]
+    return write_stream(model.generate_stream(pixels[None].to(device), idx, n, **sampling(args, eos_id)), tokenizer,
+                        eos_id)
+
+
+def read_images(model, paths):
+    """(path, pixels (3, S, S)) of each image, read with the model file's preprocess."""
     from PIL import Image, UnidentifiedImageError
 
     preprocess = getattr(sys.modules[type(model).__module__], "preprocess", None)
-    if not hasattr(model, "classify") or preprocess is None:
-        raise CliError("this model does not rank captions for images; --image and --labels need an image-text model such as siglip")
+    if preprocess is None:
+        raise CliError("this model does not read images; --image needs an image model such as siglip or paligemma")
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append((path, preprocess(image, model.config.image_size)))
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            raise CliError(f"cannot read the image {path} ({e}); pass a PNG, JPEG or other image pillow reads") from None
+    return images
+
+
+def rank_labels(model, tokenizer, args, device):
+    """For each image, every label with the probability the model gives it, best first."""
+    if not hasattr(model, "classify"):
+        raise CliError("this model does not rank captions for images; --labels needs an image-text model such as siglip")
     labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
     if not labels:
         raise CliError('give the captions to rank with --labels, separated by commas: --labels "a red circle,a blue square"')
     label_ids = data.caption_ids(tokenizer, labels, model.config.max_seq_len).to(device)
-    for path in args.image:
-        try:
-            with Image.open(path) as image:
-                pixels = preprocess(image, model.config.image_size)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            raise CliError(f"cannot read the image {path} ({e}); pass a PNG, JPEG or other image pillow reads") from None
+    for path, pixels in read_images(model, args.image):
         probs = model.classify(pixels[None].to(device), label_ids)[0].cpu()
         print(f"{path}:")
         for j in probs.argsort(descending=True).tolist():
@@ -152,8 +202,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=Help)
     p.add_argument("folder", nargs="?", help="a folder written by train.py (e.g. out/gpt_llama)")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder instead (config.json, safetensors, tokenizer.model)")
-    p.add_argument("--prompt", default=None, help="text to continue; without it, read one prompt per line from stdin until EOF")
-    p.add_argument("--image", nargs="+", metavar="FILE", help="images for an image-text model, each ranked against --labels")
+    p.add_argument("--prompt", default=None, help="text to continue, or with --image a question to answer; without it, "
+                   "read one prompt per line from stdin until EOF")
+    p.add_argument("--image", nargs="+", metavar="FILE", help="images: ranked against --labels by an image-text model, "
+                   "or asked --prompt by a vision-language model")
     p.add_argument("--labels", default=None, help='comma-separated captions to rank for each --image, e.g. "a red circle,a blue square"')
     p.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens to generate (default: {DEFAULT_NEW_TOKENS}, or what the context leaves)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
@@ -184,11 +236,16 @@ def main(argv=None):
         device = train.pick_device(args.device)
         model, tokenizer, eos_id = load_hf(args.hf) if args.hf else load_trained(args.folder)
         model.to(device).eval()
-        if args.image:
+        if args.image and (args.labels is not None or not hasattr(model, "generate_stream")):
             rank_labels(model, tokenizer, args, device)
             return 0
         if not hasattr(model, "generate_stream"):
             raise CliError("this model does not generate text; give it images with --image and captions with --labels")
+        if reads_images(model) and not args.image:
+            raise CliError("this model answers prompts about images; give it one or more with --image")
+        if args.image and not reads_images(model):
+            raise CliError("this model does not read images; --image needs an image model such as siglip or paligemma")
+        images = read_images(model, args.image) if args.image else None
         prompts = [args.prompt] if args.prompt is not None else None
         if prompts is None and sys.stdin.isatty():
             print("one prompt per line; Ctrl-D to quit", file=sys.stderr)
@@ -198,10 +255,15 @@ def main(argv=None):
             if prompts is None and not line.strip():
                 continue
             try:
-                n, s = stream(model, tokenizer, line, args, device, eos_id)
+                if images is None:
+                    n, s = stream(model, tokenizer, line, args, device, eos_id)
+                    tokens, seconds = tokens + n, seconds + s
+                for path, pixels in images or ():
+                    sys.stdout.write(f"{path}: " if len(images) > 1 else "")
+                    n, s = answer(model, tokenizer, pixels, line, args, device)
+                    tokens, seconds = tokens + n, seconds + s
             except ValueError as e:  # the model refuses the options (e.g. top_p outside (0, 1])
                 raise CliError(str(e)) from None
-            tokens, seconds = tokens + n, seconds + s
         if tokens:
             print(f"{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s", file=sys.stderr)
         return 0

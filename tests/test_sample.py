@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
+import data
 import sample
 import train
 
@@ -136,3 +138,73 @@ def test_generation_stops_at_eos_and_does_not_print_it(tmp_path, capsys):
     assert sample.main(["--hf", str(hf), "--prompt", "The cat", "--max-new-tokens", "12", "--temperature", "0"]) == 0
     llama3 = bpe.Tokenizer.from_llama3(hf / "tokenizer.model")
     assert capsys.readouterr().out == llama3.decode(ids + free[:at]) + "\n"
+
+
+@pytest.fixture(scope="module")
+def vision_language(tmp_path_factory):
+    """A paligemma.py folder trained for a few steps on the built-in shapes, and one of its pictures."""
+    root = tmp_path_factory.mktemp("paligemma")
+    argv = ["--model", "paligemma", "--out", str(root / "out"), "--set", "image_size=16", "--set", "patch_size=8",
+            "--set", "vision_dim=16", "--set", "vision_layers=1", "--set", "vision_heads=2", "--set", "vision_mlp_dim=32",
+            "--set", "dim=16", "--set", "n_layers=1", "--set", "n_heads=2", "--set", "head_dim=8", "--set", "ffn_dim=32",
+            "--set", "max_seq_len=40", "--batch-size", "8", "--max-steps", "3", "--eval-every", "0",
+            "--sample-tokens", "0", "--no-plot", "--threads", "1"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMS_FROM_SCRATCH_CACHE", str(root / "cache"))
+        assert train.main(argv) == 0
+    image = data.Shapes().draw(np.random.default_rng(3), "green", "square", 24)[0]
+    image.save(root / "shape.png")
+    return root / "out", root / "shape.png"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vision_language_answer_is_greedy_decoding_of_bos_prompt_newline(vision_language, capsys, seed):
+    """The answer streamed for --image and --prompt is what the model, recomputed in full at every step,
+    greedily writes after the image and bos + prompt + "\\n", up to eos, the way training asked."""
+    import paligemma
+    from PIL import Image
+
+    folder, image = vision_language
+    model, tokenizer, _ = sample.load_trained(folder)
+    with torch.no_grad():  # other weights per seed, so that the answer is not always eos at once
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.5)
+    bos, eos = tokenizer.special_tokens["<|bos|>"], tokenizer.special_tokens["<|eos|>"]
+    prompt = "answer en what color is the shape?"
+    ids = [bos] + tokenizer.encode_ordinary(prompt) + tokenizer.encode_ordinary("\n")
+    pixels = paligemma.preprocess(Image.open(image), model.config.image_size)[None]
+    new = []
+    with torch.no_grad():
+        while len(new) < 5:
+            x = torch.tensor([ids + new])
+            logits, _ = model(pixels, x, torch.tensor([len(ids)]))
+            new.append(int(logits[0, -1].argmax()))
+            if new[-1] == eos:
+                new.pop()
+                break
+    expected = tokenizer.decode(new)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sample, "load_trained", lambda f: (model, tokenizer, None))
+        assert sample.main([str(folder), "--image", str(image), "--prompt", prompt, "--temperature", "0",
+                            "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out == expected + "\n"
+
+
+@pytest.mark.parametrize("flags, match", [
+    ([], "give it one or more with --image"),
+    (["--image", "missing.png", "--prompt", "caption en"], "cannot read the image missing.png"),
+    (["--image", "{image}", "--labels", "a,b"], "does not rank captions"),
+    (["--image", "{image}", "--prompt", "x " * 60], "shorten it"),
+])
+def test_vision_language_bad_input(vision_language, capsys, flags, match):
+    folder, image = vision_language
+    flags = [f.replace("{image}", str(image)) for f in flags]
+    assert sample.main([str(folder), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and "Traceback" not in err
+
+
+def test_a_text_model_refuses_images(trained, vision_language, capsys):
+    assert sample.main([str(trained), "--image", str(vision_language[1]), "--prompt", "The"]) == 2
+    assert "does not read images" in capsys.readouterr().err
