@@ -961,12 +961,17 @@ class PrefixLM:
 
     @torch.no_grad()
     def demo(self, model, device, max_new_tokens=6, seed=0, **kwargs):
-        """A few validation examples, held-out combinations first: prompt -> the model's answer (the truth)."""
+        """A few validation examples, prompt -> the model's answer (the truth): one of each question, on
+        held-out and trained combinations in turn, then any others."""
         config = model.config
         pixels, examples = self.validation(config)
-        order = np.random.default_rng(seed).permutation(len(examples))
-        picks = sorted(order, key=lambda i: not examples[i][4])[: max(1, min(6, max_new_tokens))]
-        chosen = [examples[i] for i in picks]
+        order = np.random.default_rng(seed).permutation(len(examples)).tolist()
+        held = any(e[4] for e in examples)
+        picks = []
+        for j, kind in enumerate(dict.fromkeys(e[3] for e in examples)):
+            picks += [i for i in order if examples[i][3] == kind and examples[i][4] == (held and j % 2 == 0)][:1]
+        picks += [i for i in order if i not in picks]
+        chosen = [examples[i] for i in picks[: max(1, min(6, max_new_tokens))]]
         was_training = model.training
         model.eval()
         answers = self.answer(model, pixels[[e[0] for e in chosen]], [e[1] for e in chosen], config, device,
