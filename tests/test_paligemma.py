@@ -226,3 +226,45 @@ def test_left_padded_batch_generates_what_each_row_generates_alone(pair):
     assert torch.equal(out[0], model.generate(pixel_values[:1], ids[:1], 8, temperature=0)[0])
     alone = model.generate(pixel_values[1:], ids[1:, 3:], 8, temperature=0)[0]
     assert torch.equal(out[1, 3:], alone)
+
+
+def test_loss_equals_transformers_on_the_same_labels(pair):
+    """transformers scores labels[t + 1] at position t: labels are the suffix ids and -100 over the image,
+    the prefix and the padding; ours takes the same from suffix_targets."""
+    ref, model, _ = pair
+    pixel_values, ids, prefix_len, lengths = batch()
+    pad = 1
+    B, T = ids.shape
+    pos = torch.arange(T)
+    ids = ids.masked_fill(pos[None] >= lengths[:, None], pad)
+    text_labels = ids.masked_fill((pos[None] < prefix_len[:, None]) | (pos[None] >= lengths[:, None]), -100)
+    full = torch.cat([torch.full((B, N_IMAGE), IMAGE_TOKEN), ids], dim=1)
+    labels = torch.cat([torch.full((B, N_IMAGE), -100), text_labels], dim=1)
+    full_pos = torch.arange(N_IMAGE + T)
+    with torch.no_grad():
+        expected = ref(input_ids=full, pixel_values=pixel_values, labels=labels,
+                       token_type_ids=(full_pos[None] >= N_IMAGE + prefix_len[:, None]).long(),
+                       attention_mask=(full_pos[None] < N_IMAGE + lengths[:, None]).long()).loss
+        _, loss = model(pixel_values, ids, prefix_len, suffix_targets(ids, prefix_len, pad_id=pad))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generate_of_a_left_padded_batch_matches_transformers(pair):
+    """Prompts of different lengths in one batch: transformers takes them left-padded before the image
+    tokens with an attention mask, ours pads between image and prefix; the new tokens are the same."""
+    ref, model, _ = pair
+    pixel_values, ids, _, _ = batch(B=3, T=7)
+    prefix_len = torch.tensor([7, 3, 5])
+    pad = (7 - prefix_len)[:, None]
+    ours_ids = ids.masked_fill(torch.arange(7)[None] < pad, 0)
+    out = model.generate(pixel_values, ours_ids, 8, temperature=0, prefix_len=prefix_len)[:, 7:]
+    width = N_IMAGE + 7
+    full = torch.zeros(3, width, dtype=torch.long)
+    attention_mask = torch.zeros(3, width, dtype=torch.long)
+    for row, n in enumerate(prefix_len.tolist()):
+        full[row, width - N_IMAGE - n :] = torch.cat([torch.full((N_IMAGE,), IMAGE_TOKEN), ids[row, 7 - n :]])
+        attention_mask[row, width - N_IMAGE - n :] = 1
+    expected = ref.generate(input_ids=full, pixel_values=pixel_values, attention_mask=attention_mask,
+                            token_type_ids=torch.zeros_like(full), max_new_tokens=8, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[:, width:]
+    assert torch.equal(out, expected)
