@@ -4,17 +4,24 @@ suffixes), and train.py driving paligemma.py through it."""
 import contextlib
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import data
 import paligemma
 import train
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "paligemma", "--set", "image_size=16", "--set", "patch_size=8", "--set", "vision_dim=16",
         "--set", "vision_layers=1", "--set", "vision_heads=2", "--set", "vision_mlp_dim=32", "--set", "dim=16",
         "--set", "n_layers=1", "--set", "n_heads=2", "--set", "head_dim=8", "--set", "ffn_dim=32",
@@ -152,3 +159,73 @@ def test_train_end_to_end(env):
     final = [m for m in lines if "val_accuracy" in m]
     assert final and "val_loss" in final[-1] and "val_accuracy_held_out" in final[-1]
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def weights(out):
+    return load_file(Path(out) / "model.safetensors")
+
+
+def records(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def subprocess_train(argv):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_resume_after_sigint_is_bit_identical(env):
+    # A tiny step takes milliseconds: many steps after the stop leave the signal time to land before the end.
+    common = [*TINY, "--max-steps", "200", "--ckpt-every", "1000", "--eval-every", "0", "--log-every", "1",
+              "--seed", "4", "--sample-tokens", "0"]
+    assert train.main([*common, "--out", str(env / "straight")]) == 0
+    out = env / "stopped"
+    proc = subprocess_train([*common, "--out", str(out)])
+    for line in proc.stdout:
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 3:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert 3 <= torch.load(out / "state.pt", weights_only=True)["step"] < 200
+    assert train.main([*common, "--out", str(out)]) == 0
+    a, b = weights(env / "straight"), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("loss", "val_loss", "val_accuracy"):
+        straight, resumed = ([r[key] for r in records(o) if key in r] for o in (env / "straight", out))
+        assert len(straight) > 0 and straight == resumed, key
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason=(
+    "paligemma's loss is the mean over the scored (suffix) tokens of its own batch, and DDP averages "
+    "the ranks' means; the ranks score different numbers of tokens, so the step is not the one of the "
+    "batch of 8 (the same for --grad-accum); remove this mark once the loss is normalized over the step"))
+def test_two_ddp_processes_match_one_with_twice_the_batch(env):
+    # 40 steps at a high learning rate, so that the final evaluation answers some questions right and
+    # the accuracies compared below are not all zero; a step takes milliseconds.
+    common = ["--max-steps", "40", "--lr", "3e-2", "--eval-every", "20", "--sample-tokens", "0", "--seed", "1",
+              "--log-every", "1"]
+    # TINY's own --batch-size and --sample-tokens come first, so the ones given after them win.
+    assert train.main([*TINY, *common, "--batch-size", "8", "--out", str(env / "one")]) == 0
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
+         *TINY, *common, "--batch-size", "4", "--out", str(env / "two")],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = weights(env / "one"), weights(env / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        # A key bias shifts every logit of a query alike, so softmax makes its gradient zero but for
+        # rounding, whose sign Adam turns into a full step; those parameters (the vision tower's
+        # k_proj.bias; the text decoder has no biases) are noise, not a check.
+        if k.endswith("k_proj.bias"):
+            continue
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    evals = [r for r in records(env / "one") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    accuracies = sorted(k for k in evals[-1] if k.startswith("val_accuracy"))
+    assert {"val_accuracy", "val_accuracy_held_out", "val_accuracy_caption", "val_accuracy_color"} <= set(accuracies)
+    for key in ("loss", "val_loss", *accuracies):
+        one, two = ([r[key] for r in records(env / o) if key in r] for o in ("one", "two"))
+        assert len(one) == len(two) > 0 and one == pytest.approx(two, rel=1e-5), key
