@@ -12,7 +12,9 @@ Every pipeline offers the same few methods, so train.py never needs to know whic
     model_config()       Config fields the data decides (the vocabulary size)
     check(config)        DataError unless both splits hold an example of the model's shape
     unit(config)         what the log counts, e.g. ("tokens", tokens per example)
-    stream(config, ...)  an IterableDataset of batches, dicts passed as model(**batch)
+    stream(config, ...)  an IterableDataset of batches, dicts passed as model(**batch); a batch whose
+                         loss is a mean over a varying number of tokens also carries loss_weight, that
+                         number, which train.py takes out to weigh the micro-batches of a step
     evaluate(...)        validation metrics, a dict of floats whose first key is val_loss
     eval_examples(...)   how many examples one evaluation reads, to plan a time budget
     demo(...)            a short sample to print at the end of training
@@ -896,7 +898,8 @@ class PrefixLM:
     def batch(self, examples, seed, config):
         pixels, pairs = self.data.train_batch(examples, seed, self.preprocess, config.image_size)
         ids, prefix_len, targets = self.encode(pairs, text_length(config))
-        return {"pixel_values": pixels, "input_ids": ids, "prefix_len": prefix_len, "targets": targets}
+        return {"pixel_values": pixels, "input_ids": ids, "prefix_len": prefix_len, "targets": targets,
+                "loss_weight": (targets != -100).sum()}
 
     def stream(self, config, batch_size, **kwargs):
         return PairStream(self, config, batch_size, **kwargs)

@@ -723,19 +723,31 @@ class Run:
         self.lr = lr_at(self.step, args, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
+        micro_batches = [next(self.batches) for _ in range(args.grad_accum)]
+        # A model's loss is a mean over its micro-batch. Where micro-batches score different numbers of
+        # tokens (answers of different lengths), the pipeline says how many in loss_weight, and each mean
+        # counts by its share of the whole step, over every micro-batch and process: the step is then
+        # that of one big batch. DDP averages the gradients over processes, hence the factor world.
+        weighted = "loss_weight" in micro_batches[0]
+        weights = torch.stack([b.pop("loss_weight") if weighted else torch.tensor(1) for b in micro_batches]).double()
+        total = weights.sum() * (1 if weighted else self.world)
+        if weighted and self.ddp:  # the same on every rank, since every rank runs the same pipeline
+            total = total.to(self.device)
+            dist.all_reduce(total)
+        scales = (weights * self.world / total.cpu()).tolist()
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(args.grad_accum):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
+        for micro, (batch, scale) in enumerate(zip(micro_batches, scales)):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             sync = micro == args.grad_accum - 1 or not self.ddp
             with (contextlib.nullcontext() if sync else model.no_sync()), self.autocast():
                 _, loss = model(**batch)
-            (loss / args.grad_accum).backward()
-            loss_sum += loss.detach().float()
+            (loss * scale).backward()
+            loss_sum += loss.detach().float() * scale
         # Stop when one more step would run into the time kept for the final evaluation and saving.
         over_time = bool(self.budget) and self.elapsed() + self.per_step > self.budget - self.reserve - self.eval_estimate()
         # One small all-reduce per step carries the loss, a non-finite flag and a stop request, so that
         # every rank takes the same decision; reading it back is the step's one wait for the device.
-        step_loss = loss_sum.item() / args.grad_accum
+        step_loss = loss_sum.item() / self.world
         flags = torch.tensor(
             [step_loss, float(not math.isfinite(step_loss)), float(self.signal is not None or over_time)],
             dtype=torch.float64, device=self.device,
@@ -749,7 +761,7 @@ class Run:
             if self.saved or self.state is not None:
                 kept = f"the last good checkpoint (step {read_state(self.out)['step']}) in {self.out} is kept"
             raise CliError(f"the loss became {step_loss:.4g} at step {self.step + 1}, so training stopped; {kept}; try a lower --lr")
-        self.loss = loss_total / self.world
+        self.loss = loss_total
         if args.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         self.optimizer.step()
