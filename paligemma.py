@@ -362,8 +362,10 @@ class Model(nn.Module):
         w = self.tok_embeddings.weight
         return self.tok_embeddings(ids) * torch.tensor(self.config.dim**0.5, dtype=w.dtype, device=w.device)
 
-    def decoder(self, x, mask, pos=0, positions=None):
-        """The decoder on embeddings x (B, T, dim), cached from index pos -> logits (B, T, vocab_size).
+    def decoder(self, x, mask, pos=0, positions=None, first=0):
+        """The decoder on embeddings x (B, T, dim), cached from index pos -> logits (B, T - first, vocab_size)
+        of the positions from first on: the head is the widest matmul, and the image tokens and the
+        prompt need no logits.
 
         positions: RoPE positions (T,) or, for left-padded rows, (B, T); by default pos..pos+T.
         """
@@ -374,7 +376,7 @@ class Model(nn.Module):
             cos, sin = cos[:, None], sin[:, None]
         for layer in self.layers:
             x = layer(x, cos, sin, mask, pos)
-        return F.linear(self.norm(x), self.tok_embeddings.weight)  # tied head
+        return F.linear(self.norm(x[:, first:]), self.tok_embeddings.weight)  # tied head
 
     def forward(self, pixel_values, input_ids, prefix_len, targets=None):
         """Logits (B, T, vocab_size) over the text positions of input_ids (B, T), after the image tokens.
@@ -392,7 +394,7 @@ class Model(nn.Module):
         if prefix_len.min() < 1 or prefix_len.max() > T:
             raise ValueError(f"prefix_len must lie in [1, {T}], got {prefix_len.tolist()}")
         x = torch.cat([self.embed_image(pixel_values), self.embed_text(input_ids)], dim=1)
-        logits = self.decoder(x, prefix_lm_mask(N + prefix_len, N + T))[:, N:]
+        logits = self.decoder(x, prefix_lm_mask(N + prefix_len, N + T), first=N)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
@@ -469,7 +471,7 @@ class Model(nn.Module):
         for layer, cache in zip(self.layers, caches):
             layer.attention.cache = cache
         try:
-            return self.decoder(x, mask, pos, positions)[:, -1]
+            return self.decoder(x, mask, pos, positions, first=x.size(1) - 1)[:, 0]
         finally:
             for layer in self.layers:
                 layer.attention.cache = None
