@@ -274,17 +274,20 @@ class DecoderAttention(nn.Module):
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
         self.cache = None  # a KVCache while generating
 
-    def forward(self, x, cos, sin, mask, pos=0):
-        """mask (B, 1, T, T) or None, where None lets every query see every key (cached ones included)."""
+    def forward(self, x, cos, sin, mask, pos=0, first=0):
+        """mask (B, 1, T, T) or (B, 1, 1, T), or None, where None lets every query see every key (cached
+        ones included). Every position gives a key and a value; only those from first on ask a query."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x[:, first:]).view(B, T - first, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos[..., first:, :], sin[..., first:, :]), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)
+        if mask is not None and mask.size(2) > 1:
+            mask = mask[:, :, first:]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(y.transpose(1, 2).reshape(B, T - first, -1))
 
 
 class GeGLU(nn.Module):
@@ -308,8 +311,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
         self.feed_forward = GeGLU(c.dim, c.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, pos=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, pos)
+    def forward(self, x, cos, sin, mask, pos=0, first=0):
+        """Outputs of the positions from first on; the earlier ones still serve as keys and values."""
+        x = x[:, first:] + self.attention(self.attention_norm(x), cos, sin, mask, pos, first)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -364,8 +368,9 @@ class Model(nn.Module):
 
     def decoder(self, x, mask, pos=0, positions=None, first=0):
         """The decoder on embeddings x (B, T, dim), cached from index pos -> logits (B, T - first, vocab_size)
-        of the positions from first on: the head is the widest matmul, and the image tokens and the
-        prompt need no logits.
+        of the positions from first on. The image tokens (in training) and the prompt (in decoding) need
+        no logits, so the head and the last block, whose outputs feed only the head, skip them: the last
+        block still takes every position's key and value.
 
         positions: RoPE positions (T,) or, for left-padded rows, (B, T); by default pos..pos+T.
         """
@@ -374,9 +379,9 @@ class Model(nn.Module):
         cos, sin = self.rope_cos[positions + 1], self.rope_sin[positions + 1]
         if positions.dim() == 2:  # (B, T, D) -> (B, 1, T, D), the same for every head
             cos, sin = cos[:, None], sin[:, None]
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, pos)
-        return F.linear(self.norm(x[:, first:]), self.tok_embeddings.weight)  # tied head
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, pos, first if i == len(self.layers) - 1 else 0)
+        return F.linear(self.norm(x), self.tok_embeddings.weight)  # tied head
 
     def forward(self, pixel_values, input_ids, prefix_len, targets=None):
         """Logits (B, T, vocab_size) over the text positions of input_ids (B, T), after the image tokens.
