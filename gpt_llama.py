@@ -10,6 +10,15 @@ Llama 3 (Grattafiori et al. 2024, https://arxiv.org/abs/2407.21783):
   multi-head (n_kv_heads == n_heads) and multi-query (n_kv_heads == 1) attention;
 - a SwiGLU feed-forward layer (Shazeer 2020, https://arxiv.org/abs/2002.05202).
 
+Three Config fields cover the models that differ from it in a line or two of the attention:
+- qkv_bias: biases on the query, key and value projections, Qwen2 (Yang et al. 2024,
+  https://arxiv.org/abs/2407.10671);
+- qk_norm: an RMSNorm over each query and key head before RoPE, Qwen3 (Yang et al. 2025,
+  https://arxiv.org/abs/2505.09388);
+- sliding_window: each position attends to the last sliding_window positions only, a causal form of
+  Longformer's local attention (Beltagy et al. 2020, https://arxiv.org/abs/2004.05150), Mistral 7B
+  (Jiang et al. 2023, https://arxiv.org/abs/2310.06825).
+
 Shapes, with B = batch, T = sequence length, C = dim, H = n_heads, K = n_kv_heads, D = head_dim:
     idx             (B, T)          token ids
     x               (B, T, C)       residual stream
@@ -19,8 +28,8 @@ Shapes, with B = batch, T = sequence length, C = dim, H = n_heads, K = n_kv_head
     logits          (B, T, vocab_size)
 
 Around the model: the loss, decoding with a preallocated KV cache and top-k / top-p sampling, and
-loading of Hugging Face LlamaForCausalLM checkpoints. `python gpt_llama.py` fits a tiny model to this
-text and decodes from it.
+loading of Hugging Face Llama, Mistral, Qwen2 and Qwen3 checkpoints. `python gpt_llama.py` fits a
+tiny model to this text and decodes from it.
 """
 
 import json
@@ -51,6 +60,9 @@ class Config:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     dropout: float = 0.0
+    qkv_bias: bool = False  # Qwen2: biases on the query, key and value projections (not the output's)
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each query and key head, before RoPE
+    sliding_window: int | None = None  # Mistral: a position sees itself and window - 1 before it; None: all
 
     def __post_init__(self):
         check_decoder_fields(self)
@@ -59,7 +71,8 @@ class Config:
 
 
 TASK = "causal_lm"  # data.py feeds it (B, T) token ids and the same ids shifted by one as targets
-HF_ARCHITECTURES = ("LlamaForCausalLM",)  # what from_pretrained accepts in a config.json
+# What from_pretrained accepts in a config.json. LlamaForCausalLM covers SmolLM2 and Llama 3.2.
+HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Defaults of `python train.py --model gpt_llama`: about five minutes on two CPU cores.
 TRAIN_RECIPE = dict(
     config=dict(dim=192, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=512, max_seq_len=128, dropout=0.2),
@@ -87,7 +100,8 @@ def check_decoder_fields(c):
             lambda v: v > 0 and v % 2 == 0, or_none=True)
     require(c, "rope_theta norm_eps", (int, float), "a positive finite number", lambda v: 0 < v < math.inf)
     require(c, "dropout", (int, float), "a number in [0, 1)", lambda v: 0 <= v < 1)
-    require(c, "tie_embeddings", bool, "True or False")
+    require(c, "tie_embeddings qkv_bias qk_norm", bool, "True or False")
+    require(c, "sliding_window", int, "None or a positive integer", lambda v: v > 0, or_none=True)
     require(c, "rope_scaling", dict, "None or a dict of the positive numbers factor, low_freq_factor < "
             "high_freq_factor and original_max_position_embeddings", is_llama3_scaling, or_none=True)
     if c.n_heads % c.n_kv_heads:
@@ -179,27 +193,37 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        # Qwen3 normalises each head of queries and keys, which keeps attention logits from growing
+        # without bound in training (Dehghani et al. 2023, https://arxiv.org/abs/2302.05442).
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.window = config.sliding_window
         self.dropout = config.dropout
         self.cache = None  # a KVCache while generating
 
     def forward(self, x, cos, sin, pos=0):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)
-        # Each query may see keys up to its own position. Without a cache, or for the prompt, that is
-        # the plain causal mask; a single new token sees everything cached; a chunk after a cached
-        # prefix needs the offset mask spelled out.
+        # Query i, at position pos + i, sees the keys at positions pos + i - window < j <= pos + i (with
+        # no window, all up to its own). Keys before the first query's window are dropped, so that a new
+        # token attends to the window alone, as in transformers' sliding cache.
+        start = max(pos - self.window + 1, 0) if self.window else 0
+        k, v = k[:, :, start:], v[:, :, start:]
+        past, window = pos - start, self.window or k.size(2)
+        # A prompt within the window needs the plain causal mask and a new token none; a chunk after
+        # cached keys, or longer than the window, needs the mask spelled out.
         mask, is_causal = None, T > 1
-        if T > 1 and pos > 0:
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        if T > 1 and (past > 0 or T > window):
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(past).triu(past - window + 1)
             is_causal = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -271,6 +295,8 @@ class Model(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, pos=0):
         """Logits (B, T, vocab_size) for idx (B, T) at positions pos..pos+T, and the loss if targets."""
@@ -389,8 +415,9 @@ class Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir):
-        """Load a Hugging Face LlamaForCausalLM folder: config.json and model.safetensors, or the
-        shards listed in model.safetensors.index.json. The weights are cast to float32."""
+        """Load a Hugging Face checkpoint folder of one of HF_ARCHITECTURES: config.json and
+        model.safetensors, or the shards listed in model.safetensors.index.json. The weights are cast
+        to float32."""
         folder = Path(checkpoint_dir)
         if not folder.is_dir():
             raise FileNotFoundError(
@@ -404,7 +431,7 @@ class Model(nn.Module):
             tied = name == "output.weight" and config.tie_embeddings
             hf_name = to_hf_name("tok_embeddings.weight" if tied else name)
             if hf_name not in tensors:
-                raise ValueError(f"{folder} lacks the tensor {hf_name}; it is not a whole LlamaForCausalLM checkpoint")
+                raise ValueError(f"{folder} lacks the tensor {hf_name}; it is not the whole model of its config.json")
             state[name] = tensors[hf_name]
         try:
             model.load_state_dict(state)
@@ -443,7 +470,8 @@ HF_NAMES = [
     ("tok_embeddings", "embed_tokens"), ("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
     ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"), ("feed_forward.w1", "mlp.gate_proj"),
     ("feed_forward.w3", "mlp.up_proj"), ("feed_forward.w2", "mlp.down_proj"), ("attention_norm", "input_layernorm"),
-    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"), ("attention.q_norm", "self_attn.q_norm"),
+    ("attention.k_norm", "self_attn.k_norm"),
 ]
 
 
@@ -456,16 +484,17 @@ def to_hf_name(name):
 
 
 def config_from_hf(folder):
-    """Config from the config.json of a Hugging Face Llama checkpoint folder."""
+    """Config from the config.json of a Hugging Face checkpoint folder of one of HF_ARCHITECTURES."""
     path = folder / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; pass the folder of a Hugging Face Llama checkpoint")
+        raise FileNotFoundError(f"{folder} has no config.json; pass the folder of a Hugging Face checkpoint")
     try:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     architectures = hf.get("architectures") or []
-    if not set(architectures) & set(HF_ARCHITECTURES):
+    arch = next((a for a in HF_ARCHITECTURES if a in architectures), None)
+    if arch is None:
         raise ValueError(
             f"{folder} holds a {' / '.join(architectures) or hf.get('model_type', 'unknown')} checkpoint; "
             f"gpt_llama.py loads {', '.join(HF_ARCHITECTURES)}"
@@ -474,30 +503,50 @@ def config_from_hf(folder):
                 "max_position_embeddings")
     missing = [k for k in required if not isinstance(hf.get(k), int)]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}; it is not a complete Llama config")
+        raise ValueError(f"{path} lacks {', '.join(missing)}; it is not a complete {arch} config")
+    # Qwen2's query, key and value biases are built in; attention_bias would add them to all four
+    # projections (Llama, Qwen3), and mlp_bias to the feed-forward layer (Llama).
     unsupported = [k for k in ("attention_bias", "mlp_bias") if hf.get(k)]
     if hf.get("hidden_act", "silu") != "silu" or unsupported:
-        raise ValueError(f"{folder}: biases and activations other than silu are not supported by gpt_llama.py")
+        raise ValueError(f"{folder}: gpt_llama.py does not support "
+                         f"{' and '.join(unsupported) or 'activations other than silu'}")
     # transformers >= 5 writes rope_parameters (with rope_theta inside); older versions write
     # rope_theta and rope_scaling at the top level.
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise ValueError(f"{folder}: RoPE type {rope_type!r} is not supported; gpt_llama.py knows default and llama3")
-    n_heads = hf["num_attention_heads"]
+    # Mistral slides its window in every layer; Qwen2 and Qwen3 only with use_sliding_window, and then
+    # in the layers that layer_types names (in older files: layer max_window_layers and those after it).
+    n_layers, n_heads, context = hf["num_hidden_layers"], hf["num_attention_heads"], hf["max_position_embeddings"]
+    qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    slides = arch == "MistralForCausalLM" or qwen and hf.get("use_sliding_window")
+    window = hf.get("sliding_window") if slides else None
+    if is_a(window, int) and window >= context:
+        window = None  # a window as long as the context hides nothing
+    if window is not None and qwen:
+        kinds = hf.get("layer_types")  # 28: transformers' default max_window_layers
+        windowed = kinds.count("sliding_attention") if kinds else max(n_layers - hf.get("max_window_layers", 28), 0)
+        if 0 < windowed < n_layers:
+            raise ValueError(f"{folder}: a sliding window in {windowed} of {n_layers} layers is not supported; "
+                             "gpt_llama.py slides the same window in every layer or in none")
+        window = window if windowed else None
     return Config(
         vocab_size=hf["vocab_size"],
         dim=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
         ffn_dim=hf["intermediate_size"],
-        max_seq_len=hf["max_position_embeddings"],
+        max_seq_len=context,
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
         rope_scaling={k: rope[k] for k in LLAMA3_SCALING_KEYS} if rope_type == "llama3" else None,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=arch == "Qwen2ForCausalLM",
+        qk_norm=arch == "Qwen3ForCausalLM",
+        sliding_window=window,
     )
 
 

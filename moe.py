@@ -57,6 +57,8 @@ class Config:
     tie_embeddings: bool = True
     dropout: float = 0.0
     qkv_bias: bool = False  # Qwen2-MoE has biases on the query, key and value projections
+    qk_norm: bool = False  # gpt_llama.py's Qwen3 query and key norms; no checkpoint loaded here has them
+    sliding_window: int | None = None  # as in gpt_llama.py; None: every position sees all before it
     # The experts.
     n_experts: int = 8
     top_k: int = 2
@@ -80,7 +82,7 @@ class Config:
 
     def __post_init__(self):
         check_decoder_fields(self)  # the fields that gpt_llama.py's Config has too
-        require(self, "qkv_bias shared_expert_gate norm_topk", bool, "True or False")
+        require(self, "shared_expert_gate norm_topk", bool, "True or False")
         require(self, "n_experts expert_dim shared_expert_dim moe_every", int, "a positive integer", lambda v: v > 0)
         require(self, "n_shared_experts first_dense_layers", int, "an integer >= 0", lambda v: v >= 0)
         require(self, "top_k", int, f"an integer from 1 to n_experts ({self.n_experts})",
@@ -134,7 +136,8 @@ def check_decoder_fields(c):
             lambda v: v > 0 and v % 2 == 0, or_none=True)
     require(c, "rope_theta norm_eps", (int, float), "a positive finite number", lambda v: 0 < v < math.inf)
     require(c, "dropout", (int, float), "a number in [0, 1)", lambda v: 0 <= v < 1)
-    require(c, "tie_embeddings", bool, "True or False")
+    require(c, "tie_embeddings qkv_bias qk_norm", bool, "True or False")
+    require(c, "sliding_window", int, "None or a positive integer", lambda v: v > 0, or_none=True)
     require(c, "rope_scaling", dict, "None or a dict of the positive numbers factor, low_freq_factor < "
             "high_freq_factor and original_max_position_embeddings", is_llama3_scaling, or_none=True)
     if c.n_heads % c.n_kv_heads:
@@ -234,27 +237,37 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        # Qwen3 normalises each head of queries and keys, which keeps attention logits from growing
+        # without bound in training (Dehghani et al. 2023, https://arxiv.org/abs/2302.05442).
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.window = config.sliding_window
         self.dropout = config.dropout
         self.cache = None  # a KVCache while generating
 
     def forward(self, x, cos, sin, pos=0):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)
-        # Each query may see keys up to its own position. Without a cache, or for the prompt, that is
-        # the plain causal mask; a single new token sees everything cached; a chunk after a cached
-        # prefix needs the offset mask spelled out.
+        # Query i, at position pos + i, sees the keys at positions pos + i - window < j <= pos + i (with
+        # no window, all up to its own). Keys before the first query's window are dropped, so that a new
+        # token attends to the window alone, as in transformers' sliding cache.
+        start = max(pos - self.window + 1, 0) if self.window else 0
+        k, v = k[:, :, start:], v[:, :, start:]
+        past, window = pos - start, self.window or k.size(2)
+        # A prompt within the window needs the plain causal mask and a new token none; a chunk after
+        # cached keys, or longer than the window, needs the mask spelled out.
         mask, is_causal = None, T > 1
-        if T > 1 and pos > 0:
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        if T > 1 and (past > 0 or T > window):
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(past).triu(past - window + 1)
             is_causal = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,

@@ -28,18 +28,22 @@ LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_fre
                    original_max_position_embeddings=16)
 
 
-def hf_llama(tmp_path, max_shard_size=None, **overrides):
-    """A tiny random LlamaForCausalLM, saved into tmp_path."""
+def hf_model(tmp_path, arch="Llama", max_shard_size=None, **overrides):
+    """A tiny random {arch}ForCausalLM, saved into tmp_path."""
     settings = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
     settings.update(overrides)
     torch.manual_seed(0)
-    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
-    # A freshly built model has norm weights of one; random ones make a swapped norm show up.
+    config = getattr(transformers, f"{arch}Config")(**settings)
+    reference = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    # A freshly built model has norm weights of one and biases of zero; random ones make a swapped
+    # norm or a missing bias show up.
     with torch.no_grad():
         for name, p in reference.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
     kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
     reference.save_pretrained(tmp_path, **kwargs)
     return reference
@@ -50,15 +54,37 @@ def hf_llama(tmp_path, max_shard_size=None, **overrides):
     dict(num_key_value_heads=2, tie_word_embeddings=True),  # grouped-query attention, tied
     dict(num_key_value_heads=1, head_dim=16),  # multi-query attention, head_dim != hidden_size / heads
     dict(num_key_value_heads=2, rope_parameters=dict(rope_theta=500000.0, **LLAMA3_ROPE)),  # Llama 3 scaling
-], ids=["mha-untied", "gqa-tied", "mqa", "llama3-rope"])
+    dict(arch="Qwen2", num_key_value_heads=2, tie_word_embeddings=True),  # query, key and value biases
+    dict(arch="Qwen2", num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=0),
+    # Query and key norms; an eps this large shows a norm built with another one.
+    dict(arch="Qwen3", num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-3),
+    dict(arch="Mistral", num_key_value_heads=2),  # its default window, 4096, is longer than the context
+    dict(arch="Mistral", num_key_value_heads=2, sliding_window=8),
+], ids=["mha-untied", "gqa-tied", "mqa", "llama3-rope", "qwen2", "qwen2-window", "qwen3", "mistral",
+        "mistral-window"])
 def test_logits_match_transformers(tmp_path, case):
-    reference = hf_llama(tmp_path, **case)
+    reference = hf_model(tmp_path, **case)
     model = Model.from_pretrained(tmp_path)
-    idx = torch.randint(0, 96, (2, 48))  # longer than original_max_position_embeddings = 16
+    assert model.config.sliding_window == (8 if "window" in str(case) else None)
+    idx = torch.randint(0, 96, (2, 48))  # longer than original_max_position_embeddings = 16 and the window
     with torch.no_grad():
         expected = reference(idx).logits
     logits, _ = model(idx)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_the_sliding_window_changes_the_logits(tmp_path):
+    """The window cases above only prove something if the window changes what the model computes."""
+    hf_model(tmp_path, arch="Mistral", sliding_window=8)
+    model = Model.from_pretrained(tmp_path)
+    idx = torch.randint(0, 96, (1, 20))
+    with torch.no_grad():
+        windowed = model(idx)[0]
+        for layer in model.layers:
+            layer.attention.window = None
+        full = model(idx)[0]
+    torch.testing.assert_close(windowed[:, :8], full[:, :8], atol=1e-6, rtol=0)  # the window holds the past
+    assert (windowed[:, 8:] - full[:, 8:]).abs().amax(-1).gt(1e-3).all()  # after it, every position changes
 
 
 def test_llama3_scaling_changes_the_tables():
@@ -69,7 +95,7 @@ def test_llama3_scaling_changes_the_tables():
 
 
 def test_sharded_checkpoint_and_older_config_layout(tmp_path):
-    reference = hf_llama(tmp_path, max_shard_size="20KB", num_key_value_heads=2)
+    reference = hf_model(tmp_path, max_shard_size="20KB", num_key_value_heads=2)
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     # transformers < 5 wrote rope_theta and rope_scaling at the top level instead of rope_parameters.
     config = json.loads((tmp_path / "config.json").read_text())
@@ -82,8 +108,14 @@ def test_sharded_checkpoint_and_older_config_layout(tmp_path):
         torch.testing.assert_close(model(idx)[0], reference(idx).logits, atol=1e-4, rtol=0)
 
 
-def test_greedy_generate_matches_transformers(tmp_path):
-    reference = hf_llama(tmp_path, num_key_value_heads=2)
+GENERATE_CASES = dict(llama=dict(num_key_value_heads=2), qwen2=dict(arch="Qwen2", tie_word_embeddings=True),
+                      qwen3=dict(arch="Qwen3", num_key_value_heads=2, head_dim=16),
+                      mistral_window=dict(arch="Mistral", num_key_value_heads=2, sliding_window=8))
+
+
+@pytest.mark.parametrize("case", GENERATE_CASES.values(), ids=GENERATE_CASES.keys())
+def test_greedy_generate_matches_transformers(tmp_path, case):
+    reference = hf_model(tmp_path, **case)
     model = Model.from_pretrained(tmp_path)
     idx = torch.randint(3, 96, (2, 7))
     expected = reference.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
@@ -104,9 +136,10 @@ def test_stream_stops_when_every_row_is_done():
     assert len(list(model.generate_stream(idx, 10, temperature=0, eos_id=first))) == 1
 
 
-def test_kv_cache_decoding_equals_full_recomputation():
+@pytest.mark.parametrize("window", [None, 3, 5])  # 3: shorter than the chunk of 4 below; 5: longer
+def test_kv_cache_decoding_equals_full_recomputation(window):
     torch.manual_seed(0)
-    model = Model(Config(n_heads=4, n_kv_heads=2, max_seq_len=32)).eval()
+    model = Model(Config(n_heads=4, n_kv_heads=2, max_seq_len=32, sliding_window=window)).eval()
     idx = torch.randint(0, 512, (2, 20))
     c = model.config
     caches = [KVCache(2, c.n_kv_heads, 20, c.head_dim, torch.float32, "cpu") for _ in model.layers]
@@ -196,7 +229,7 @@ def test_same_seed_same_tokens_and_global_rng_untouched():
 
 
 def test_loss_matches_transformers_with_padding(tmp_path):
-    reference = hf_llama(tmp_path)
+    reference = hf_model(tmp_path)
     model = Model.from_pretrained(tmp_path)
     idx = torch.randint(0, 96, (2, 12))
     labels = idx.clone()
@@ -242,9 +275,9 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
         Model.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         Model.from_pretrained(tmp_path)
-    config = dict(architectures=["MistralForCausalLM"], model_type="mistral")
+    config = dict(architectures=["GemmaForCausalLM"], model_type="gemma")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="MistralForCausalLM checkpoint; gpt_llama.py loads LlamaForCausalLM"):
+    with pytest.raises(ValueError, match="GemmaForCausalLM checkpoint; gpt_llama.py loads LlamaForCausalLM, Mistral"):
         Model.from_pretrained(tmp_path)
     llama = dict(architectures=["LlamaForCausalLM"], vocab_size=8, hidden_size=8, num_hidden_layers=1,
                  num_attention_heads=2, intermediate_size=16, max_position_embeddings=16)
@@ -254,9 +287,32 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in llama.items() if k != "hidden_size"}))
     with pytest.raises(ValueError, match="lacks hidden_size"):
         Model.from_pretrained(tmp_path)
+    qwen3 = dict(llama, architectures=["Qwen3ForCausalLM"], attention_bias=True)  # biases on all four projections
+    (tmp_path / "config.json").write_text(json.dumps(qwen3))
+    with pytest.raises(ValueError, match="gpt_llama.py does not support attention_bias"):
+        Model.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(llama))
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
         Model.from_pretrained(tmp_path)
+
+
+def test_a_window_in_some_layers_only_gets_a_clear_error(tmp_path):
+    """Qwen2 and Qwen3 slide their window only from layer max_window_layers on; one window for all is ours."""
+    hf_model(tmp_path, arch="Qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    with pytest.raises(ValueError, match="a sliding window in 1 of 2 layers is not supported"):
+        Model.from_pretrained(tmp_path)
+    # Files older than transformers 5 have no layer_types: max_window_layers alone says which layers slide.
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="a sliding window in 1 of 2 layers is not supported"):
+        Model.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, max_window_layers=2)))  # no layer slides
+    assert Model.from_pretrained(tmp_path).config.sliding_window is None
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, max_window_layers=0, sliding_window=64)))
+    assert Model.from_pretrained(tmp_path).config.sliding_window is None  # as long as the context
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, max_window_layers=0, use_sliding_window=False)))
+    assert Model.from_pretrained(tmp_path).config.sliding_window is None  # switched off
 
 
 LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
@@ -273,6 +329,8 @@ BAD_CONFIGS = [
     dict(rope_scaling={**LLAMA3_SCALING, "high_freq_factor": 1.0}), dict(rope_scaling=[8.0, 1.0, 4.0, 16]),
     dict(norm_eps=0), dict(norm_eps=-1e-5), dict(norm_eps=None), dict(tie_embeddings=1),
     dict(tie_embeddings="yes"), dict(dropout=1.0), dict(dropout=-0.1), dict(dropout=True), dict(dropout="0.1"),
+    dict(qkv_bias=1), dict(qk_norm="yes"), dict(sliding_window=0), dict(sliding_window=8.0),
+    dict(sliding_window=True),
 ]
 
 
@@ -288,6 +346,7 @@ def test_bad_config_values_get_one_sentence_naming_the_field(bad):
 @pytest.mark.parametrize("good", [
     dict(), TRAIN_RECIPE["config"], dict(n_kv_heads=4), dict(n_kv_heads=1), dict(dim=66, head_dim=2),
     dict(dropout=0, rope_theta=500000, norm_eps=1e-6, tie_embeddings=False, rope_scaling=LLAMA3_SCALING),
+    dict(qkv_bias=True, qk_norm=True, sliding_window=3),
 ], ids=repr)
 def test_good_configs_still_build_and_run(good):
     model = Model(Config(**good))
@@ -297,14 +356,14 @@ def test_good_configs_still_build_and_run(good):
 @pytest.mark.parametrize("n_layers", [1, 12])
 def test_initial_weights_follow_gpt2_residual_scaling(n_layers):
     """Every matrix starts as N(0, 0.02), except the two that write into the residual stream in each block
-    (attention's wo, SwiGLU's w2): N(0, 0.02 / sqrt(2 * n_layers)). Norm weights start at one."""
+    (attention's wo, SwiGLU's w2): N(0, 0.02 / sqrt(2 * n_layers)). Norm weights start at one, biases at zero."""
     torch.manual_seed(0)
     model = Model(Config(vocab_size=1000, dim=128, n_layers=n_layers, n_heads=4, n_kv_heads=2, ffn_dim=256,
-                         tie_embeddings=False))
+                         tie_embeddings=False, qkv_bias=True, qk_norm=True))
     residual = []
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            assert torch.equal(p, torch.ones_like(p)), name
+        if name.endswith(("norm.weight", "bias")):
+            assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)), name
             continue
         if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
             residual.append(name)
