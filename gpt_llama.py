@@ -28,8 +28,9 @@ Shapes, with B = batch, T = sequence length, C = dim, H = n_heads, K = n_kv_head
     logits          (B, T, vocab_size)
 
 Around the model: the loss, decoding with a preallocated KV cache and top-k / top-p sampling, and
-loading of Hugging Face Llama, Mistral, Qwen2 and Qwen3 checkpoints. `python gpt_llama.py` fits a
-tiny model to this text and decodes from it.
+loading of Hugging Face Llama, Mistral, Qwen2 and Qwen3 checkpoints, in float32 or, at half the
+memory, in bf16 as they are stored. `python gpt_llama.py` fits a tiny model to this text and decodes
+from it.
 """
 
 import json
@@ -167,9 +168,12 @@ def rope_tables(head_dim, max_seq_len, theta, scaling=None):
 
 def apply_rope(x, cos, sin):
     """Rotate (x[:D/2], x[D/2:]) pairs of x (B, H, T, D) by the angles whose cos and sin are (T, D)."""
+    # In x's dtype, the tables rounded to it first, as transformers does: a bf16 model then computes
+    # what the Hugging Face one computes, bit for bit, and picks the same tokens.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos + rotated * sin
 
 
 class KVCache(nn.Module):
@@ -414,17 +418,24 @@ class Model(nn.Module):
         return torch.cat([idx.long()] + [t[:, None] for t in new], dim=1)
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir):
+    def from_pretrained(cls, checkpoint_dir, dtype=None):
         """Load a Hugging Face checkpoint folder of one of HF_ARCHITECTURES: config.json and
-        model.safetensors, or the shards listed in model.safetensors.index.json. The weights are cast
-        to float32."""
+        model.safetensors, or the shards listed in model.safetensors.index.json.
+
+        The weights take dtype (a torch dtype or its name, such as "bfloat16"); None means float32.
+        """
         folder = Path(checkpoint_dir)
         if not folder.is_dir():
             raise FileNotFoundError(
                 f"checkpoint folder {folder} does not exist; pass a folder holding config.json and model.safetensors"
             )
+        dtype = torch_dtype(dtype)
         config = config_from_hf(folder)
-        model = cls(config)
+        # On the meta device the model takes no memory and skips the random initialisation: each
+        # parameter becomes its checkpoint tensor below, cast only where dtype differs from the file's,
+        # so a bf16 checkpoint loaded in bf16 is never copied, let alone through float32.
+        with torch.device("meta"):
+            model = cls(config)
         tensors, state = read_safetensors(folder), {}
         for name in model.state_dict():
             # A tied output head is the embedding matrix, which checkpoints store once.
@@ -432,11 +443,16 @@ class Model(nn.Module):
             hf_name = to_hf_name("tok_embeddings.weight" if tied else name)
             if hf_name not in tensors:
                 raise ValueError(f"{folder} lacks the tensor {hf_name}; it is not the whole model of its config.json")
-            state[name] = tensors[hf_name]
+            state[name] = tensors[hf_name].to(dtype)
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(state, assign=True)
         except RuntimeError as e:
             raise ValueError(f"the tensors in {folder} do not fit its config.json: {e}") from None
+        if config.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight  # assign gave each name a Parameter of its own
+        # The RoPE tables are no parameters: computed afresh, in float32 whatever dtype, as transformers does.
+        model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta,
+                                                     config.rope_scaling)
         return model
 
 
@@ -548,6 +564,18 @@ def config_from_hf(folder):
         qk_norm=arch == "Qwen3ForCausalLM",
         sliding_window=window,
     )
+
+
+def torch_dtype(dtype):
+    """The floating-point torch dtype that dtype names: None (float32), a torch dtype or its name."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None, a floating-point torch dtype or its name such as 'bfloat16', "
+                         f"not {dtype!r}")
+    return dtype
 
 
 def read_safetensors(folder):

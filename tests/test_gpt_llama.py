@@ -28,8 +28,8 @@ LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_fre
                    original_max_position_embeddings=16)
 
 
-def hf_model(tmp_path, arch="Llama", max_shard_size=None, **overrides):
-    """A tiny random {arch}ForCausalLM, saved into tmp_path."""
+def hf_model(tmp_path, arch="Llama", max_shard_size=None, dtype=torch.float32, **overrides):
+    """A tiny random {arch}ForCausalLM in dtype, saved into tmp_path."""
     settings = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
     settings.update(overrides)
@@ -44,6 +44,7 @@ def hf_model(tmp_path, arch="Llama", max_shard_size=None, **overrides):
                 p.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 p.uniform_(-0.5, 0.5)
+    reference.to(dtype)
     kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
     reference.save_pretrained(tmp_path, **kwargs)
     return reference
@@ -244,6 +245,48 @@ def test_loss_matches_transformers_with_padding(tmp_path):
     torch.testing.assert_close(lm_loss(logits, targets), by_hand)
 
 
+def test_a_bf16_checkpoint_loads_in_bf16_without_a_copy(tmp_path, monkeypatch):
+    hf_model(tmp_path, arch="Qwen2", dtype=torch.bfloat16, num_key_value_heads=2, tie_word_embeddings=True)
+    tensors = gpt_llama.read_safetensors(tmp_path)
+    monkeypatch.setattr(gpt_llama, "read_safetensors", lambda folder: tensors)
+    model = Model.from_pretrained(tmp_path, dtype="bfloat16")
+    # Each parameter is the tensor read from the file itself: no float32 model came first, and no copy.
+    by_address = {t.data_ptr(): name for name, t in tensors.items()}
+    params = dict(model.named_parameters())
+    assert len(params) == len(tensors) and model.output.weight is model.tok_embeddings.weight
+    for name, p in params.items():
+        assert p.dtype == torch.bfloat16 and by_address.get(p.data_ptr()) == gpt_llama.to_hf_name(name), name
+    # The RoPE tables stay float32, as in transformers, and are the real ones, not left on the meta device.
+    cos, sin = rope_tables(model.config.head_dim, 64, 10000.0)
+    assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
+    # dtype=None keeps the float32 of old: the same numbers, widened.
+    model32 = Model.from_pretrained(tmp_path)
+    assert all(p.dtype == torch.float32 for p in model32.parameters())
+    assert all(torch.equal(p.bfloat16(), params[name]) for name, p in model32.named_parameters())
+
+
+@pytest.mark.parametrize("case", [GENERATE_CASES["qwen3"], GENERATE_CASES["mistral_window"]],
+                         ids=["qwen3", "mistral-window"])
+def test_bf16_logits_and_greedy_tokens_equal_transformers_in_bf16(tmp_path, case):
+    hf_model(tmp_path, dtype=torch.bfloat16, **case)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    model = Model.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    idx = torch.randint(0, 96, (2, 48))
+    with torch.no_grad():
+        expected = reference(idx).logits
+        logits = model(idx)[0]
+        logits32 = Model.from_pretrained(tmp_path)(idx)[0]
+    # The same operations in the same order and dtype (norms in float32, RoPE tables rounded to bf16):
+    # the same bits. And within bf16's rounding of what float32 weights compute.
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, expected, atol=0, rtol=0)
+    torch.testing.assert_close(logits.float(), logits32, atol=2e-2, rtol=0)
+    idx = torch.randint(3, 96, (4, 7))
+    expected = reference.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=30, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.generate(idx, 30, temperature=0), expected)
+
+
 def test_flops_per_token_counts_every_matmul():
     model = Model(Config(vocab_size=100, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=40, max_seq_len=8,
                          tie_embeddings=False))
@@ -294,6 +337,10 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(llama))
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
         Model.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="dtype must be None, a floating-point torch dtype or its name"):
+        Model.from_pretrained(tmp_path, dtype="bfloat61")
+    with pytest.raises(ValueError, match="dtype must be"):
+        Model.from_pretrained(tmp_path, dtype=torch.int8)
 
 
 def test_a_window_in_some_layers_only_gets_a_clear_error(tmp_path):
