@@ -239,9 +239,12 @@ def rope_tables(head_dim, max_seq_len, theta, scaling=None):
 # copied from gpt_llama.py: apply_rope
 def apply_rope(x, cos, sin):
     """Rotate (x[:D/2], x[D/2:]) pairs of x (B, H, T, D) by the angles whose cos and sin are (T, D)."""
+    # In x's dtype, the tables rounded to it first, as transformers does: a bf16 model then computes
+    # what the Hugging Face one computes, bit for bit, and picks the same tokens.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos + rotated * sin
 
 
 # copied from gpt_llama.py: KVCache
