@@ -426,13 +426,9 @@ class Model(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         for i, layer in enumerate(self.layers):
-            # gpt_llama's block, with a mixture of experts in place of its feed-forward layer, and
-            # Qwen2-MoE's query, key and value biases.
+            # gpt_llama's block, with a mixture of experts in place of its feed-forward layer.
             if config.is_moe_layer(i):
                 layer.feed_forward = MoE(config)
-            if config.qkv_bias:
-                for proj in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
-                    proj.bias = nn.Parameter(torch.zeros(proj.out_features))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -446,6 +442,8 @@ class Model(nn.Module):
                 # by sqrt(2 * n_layers), so the stream's variance does not grow with depth.
                 residual = name.endswith(("wo.weight", "w2.weight", "down"))
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers) if residual else 0.02)
+            elif name.endswith("bias"):  # Qwen2-MoE's query, key and value biases start at zero
+                nn.init.zeros_(p)
 
     def moe_layers(self):
         return [layer.feed_forward for layer in self.layers if isinstance(layer.feed_forward, MoE)]
