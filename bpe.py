@@ -14,12 +14,11 @@ adjacent pair is in the vocabulary. With the same ranks and split pattern this g
 tiktoken's ids; `train` produces ranks in that format, and `Tokenizer.save` writes tiktoken's rank
 file, so a trained tokenizer can be handed to `tiktoken.Encoding` unchanged.
 
-Two known differences. The split uses the Unicode tables of the `regex` module, tiktoken those of
-Rust's regex crate. A character assigned in a newer Unicode version than the other library knows
-(e.g. U+18D09, Tangut, Unicode 17) can be a letter to one and unassigned to the other, and then the
-two split it differently. Every character assigned in both versions splits the same. And where one
-special token is a prefix of another (no encoding of tiktoken's or Llama 3's has such a pair), tiktoken
-picks among those that start at the same place in the order of its hash map; `encode` takes the longest.
+The split classifies characters (letter, digit, mark, space) by the tables of Unicode 16.0, as tiktoken
+does, whichever Unicode version the installed `regex` knows (see "Unicode version" below), so the ids
+equal tiktoken's on every code point. One known difference remains: where one special token is a
+prefix of another (no encoding of tiktoken's or Llama 3's has such a pair), tiktoken picks among those
+that start at the same place in the order of its hash map; `encode` takes the longest.
 
 Training (`train`) is the textbook loop, made fast the usual way:
   1. split the corpus into chunks and count identical chunks once (a corpus has far fewer distinct
@@ -83,6 +82,52 @@ LLAMA3_SPECIAL_TOKENS = [
 ] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
 
 # -----------------------------------------------------------------------------
+# Unicode version. What \p{L}, \p{N}, \p{M}, \s, ... match comes from the tables of one Unicode version,
+# and each library has its own. tiktoken 0.8 to 0.14 (Rust's regex crate) and the `tokenizers` library
+# 0.22 and 0.23 (Oniguruma) split by Unicode 16.0 (tiktoken 0.7 by 15.0). `regex` follows the newest
+# Unicode: its releases 2024.9.11 to 2025.9.18 have 16.0, 2025.10.22 has 17.0, 2026.9.29 has 18.0. (Each
+# of these was measured by running every code point through every class in each library.) To a newer
+# `regex`, a character that Unicode 17 or 18 assigned is a letter, mark or digit, while tiktoken finds it
+# unassigned, and the two split text around it differently: Hebrew with U+05C8 encodes to other ids under
+# o200k, for one. `regex` cannot be asked for an older version's tables, so the text it splits is
+# translated first: every code point that Unicode 17.0 and 18.0 assigned becomes U+FDD0, a noncharacter,
+# which every Unicode version leaves unassigned, and U+0295, which Unicode 17 moved from Ll to Lo, becomes
+# U+0138, an Ll letter in every version. The translation keeps each character in its place, so the
+# chunks are then cut from the original text at the same offsets. A `regex` release with Unicode 19 will
+# need its additions listed here (the tests run all of Unicode through both libraries).
+
+# The code points that Unicode 17.0 and 18.0 assigned, as `regex` 2026.11.19 knows them.
+_ASSIGNED_AFTER_UNICODE_16 = """
+0558 058B-058C 05C8-05C9 088F 0B53-0B54 0C5C 0CDC 1ACF-1AF0 208F 209D-209F 20C1-20C4 2B96 2E60-2E63
+A7CE-A7CF A7D2 A7D4 A7DD A7E2 A7F1 AB6C-AB6D FBC3-FBD2 FD90-FD91 FDC8-FDCE 107BB-107BF 10940-10959
+10EC5-10EC7 10EC9-10EEE 10EF0-10EFB 11B0A 11B60-11B67 11DB0-11DDB 11DE0-11DE9 11DF0-11DF1 1246F
+12475-1247F 12550-12686 16EA0-16EB8 16EBB-16ED3 16FF2-16FF6 187F8-187FF 18CD6-18CDA 18D09-18D20
+18D80-18DF2 18E00-19191 191A0-191D2 1B123-1B128 1B168 1CCFA-1CCFC 1CEBA-1CED0 1CED2-1CED4 1CEDD-1CEFD
+1D127-1D128 1D1EB-1D1FF 1D250-1D281 1D6A6 1DB00-1DB1C 1DF1F-1DF24 1DF2B-1DF81 1DF90-1DF96 1DFCD-1DFFF
+1E6C0-1E6DE 1E6E0-1E6F5 1E6FE-1E6FF 1F1AE 1F6D8-1F6D9 1F777-1F77A 1F7DA-1F7DB 1F7F1-1F7FF 1F8D0-1F8D8
+1FA54-1FA57 1FA8A-1FA8E 1FAC8 1FACC-1FACD 1FADD 1FAEA-1FAEB 1FAEF 1FAF9-1FAFA 1FBFA 2B73A-2B73F 2B81E
+2CEA2-2CEAD 323B0-33479 3D000-3FC3F
+"""
+_RANGES_AFTER_UNICODE_16 = [(int(a, 16), int(b or a, 16)) for a, _, b in (r.partition("-") for r in _ASSIGNED_AFTER_UNICODE_16.split())]
+_TO_UNICODE_16 = {c: 0xFDD0 for a, b in _RANGES_AFTER_UNICODE_16 for c in range(a, b + 1)} | {0x295: 0x138}
+# Finding them must be fast, as all text is searched. `re` tests a character against BMP ranges with a
+# bitmap but against astral ranges one range at a time (20 times slower here), so this set takes every
+# astral character, to be looked up one by one.
+_MAYBE_AFTER_UNICODE_16 = re.compile(
+    "[\u0295" + "".join(f"{chr(a)}-{chr(b)}" for a, b in _RANGES_AFTER_UNICODE_16 if b < 0x10000) + "\U00010000-\U0010FFFF]"
+)
+
+
+def _as_unicode_16(text: str) -> str:
+    """`text` with the characters above translated, each in its place; `text` itself if it has none."""
+    if not text.isascii():
+        for m in _MAYBE_AFTER_UNICODE_16.finditer(text):
+            if ord(m.group()) in _TO_UNICODE_16:
+                return text.translate(_TO_UNICODE_16)
+    return text
+
+
+# -----------------------------------------------------------------------------
 # Splitting text into chunks, fast. Three rewrites of the patterns above, each exact:
 
 # `regex` runs possessive quantifiers (`++`, `?+`, ...) about 20% slower than plain greedy ones. In
@@ -109,7 +154,8 @@ _CUT = re.compile(r"(?<=\S) ")  # `re`'s \S excludes a few non-White_Space contr
 
 
 def splitter(pattern: str):
-    """A function text -> chunks, equal to `regex.compile(pattern).findall` but faster.
+    """A function text -> chunks, equal to `regex.compile(pattern).findall` on Unicode 16's tables
+    (see "Unicode version" above) but faster.
 
     Mostly-ASCII text is cut into long ASCII stretches, split by `re` with the ASCII translation, and
     the rest, split by `regex`. The cuts go before a space that follows a non-space: in all four
@@ -118,7 +164,14 @@ def splitter(pattern: str):
     nothing to its left, nor (lookaheads and `$` being reached only inside runs of whitespace) on
     anything right of such a cut. So splitting the pieces separately gives the same chunks.
     """
-    slow = regex.compile(_FASTER_EQUIVALENT.get(pattern, pattern)).findall
+    compiled = regex.compile(_FASTER_EQUIVALENT.get(pattern, pattern))
+
+    def slow(text: str) -> list:
+        translated = _as_unicode_16(text)
+        if translated is text:
+            return compiled.findall(text)
+        return [text[m.start() : m.end()] for m in compiled.finditer(translated)]
+
     if pattern not in _ASCII_EQUIVALENT:
         return slow
     fast = re.compile(_ASCII_EQUIVALENT[pattern], re.ASCII).findall

@@ -85,12 +85,11 @@ def trained():
     return tok, reference
 
 
-# Text that mixes scripts, whitespace and contractions, and arbitrary characters. Only characters
-# assigned in Python's Unicode tables: `regex` and tiktoken's Rust regex classify characters that a
-# newer Unicode version added differently (see bpe.py's docstring).
-assigned = st.characters(exclude_categories=("Cs", "Cn"))
-SNIPPETS = ["'s", "'LL", " ", "  ", "\n", "\r\n", "\t", "123", "4567", "abc", "ABC", " the", "é", "\u0301", "日本", "ب", "👍", "\u200d", "!!", "...", "/", "\u00a0"]
-mixed_text = st.lists(st.sampled_from(SNIPPETS) | st.text(assigned, max_size=8), max_size=30).map("".join)
+# Text that mixes scripts, whitespace and contractions, and arbitrary characters, assigned or not in any
+# Unicode version (U+05C8 and U+A7CE came with Unicode 17, U+0295 changed its class there).
+SNIPPETS = ["'s", "'LL", " ", "  ", "\n", "\r\n", "\t", "123", "4567", "abc", "ABC", " the", "é", "\u0301", "日本", "ب", "👍", "\u200d", "!!", "...", "/", "\u00a0",
+            "\u05d5\u05c8", "\ua7ce's", "\u0295Ab"]
+mixed_text = st.lists(st.sampled_from(SNIPPETS) | st.text(st.characters(), max_size=8), max_size=30).map("".join)
 # derandomize: the same examples on every run, so that a failure is never a matter of luck.
 fast = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -158,6 +157,40 @@ def test_ids_equal_tiktoken_on_random_text(request, pair, text):
     assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
 
 
+# ---- every code point: the split classifies characters by tiktoken's Unicode tables, not by those of the installed regex
+
+EVERY_CODE_POINT = range(0x110000)  # surrogates included: both libraries encode them as U+FFFD
+
+
+@pytest.mark.parametrize("cls", [r"\p{L}", r"\p{Lu}", r"\p{Ll}", r"\p{Lt}", r"\p{Lm}", r"\p{Lo}", r"\p{M}", r"\p{N}", r"\s"])
+def test_every_code_point_is_in_the_same_classes_as_in_tiktoken(cls):
+    """The classes the split patterns use, one pattern each: tiktoken encodes only what the pattern matches,
+    so with the 256 bytes as ranks its ids spell the characters its tables put in the class."""
+    text = "".join(map(chr, EVERY_CODE_POINT)).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    bytes_only = tiktoken.Encoding("bytes", pat_str=cls, mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={})
+    theirs = set(bytes(bytes_only.encode_ordinary(text)).decode())
+    ours = set("".join(bpe.splitter(cls)(text)))
+    if ours != theirs:
+        c = min(ours ^ theirs)
+        pytest.fail(f"U+{ord(c):04X} is in {cls} for {'bpe.py' if c in ours else 'tiktoken'} only ({len(ours ^ theirs)} such code points)")
+
+
+@pytest.mark.parametrize("encoding", ["cl100k", "o200k"])
+def test_ids_equal_tiktoken_on_every_code_point(request, encoding):
+    """Each code point followed by 's: a letter takes the contraction as a chunk of its own, anything else
+    joins the apostrophe to itself, so a code point classified differently gets other ids."""
+    ours, reference = request.getfixturevalue(encoding)
+    context = "{}'s".format
+    step = 8192
+    for start in range(0, len(EVERY_CODE_POINT), step):
+        block = EVERY_CODE_POINT[start : start + step]
+        text = "".join(context(chr(c)) for c in block)
+        if ours.encode_ordinary(text) != reference.encode_ordinary(text):
+            bad = next((c for c in block if ours.encode_ordinary(context(chr(c))) != reference.encode_ordinary(context(chr(c)))), None)
+            where = f"U+{bad:04X} ({context(chr(bad))!r})" if bad is not None else f"the block U+{block[0]:04X}..U+{block[-1]:04X}"
+            pytest.fail(f"{encoding}: ids differ from tiktoken's at {where}")
+
+
 @pytest.fixture
 def short_ascii_runs(monkeypatch):
     """Make every ASCII stretch of 2+ characters take the `re` path, so that short texts test the cuts."""
@@ -175,13 +208,19 @@ def test_ascii_fast_path_cuts_like_tiktoken(cl100k, o200k, gpt2_split, llama3_sp
 PATTERNS = [bpe.GPT2_PATTERN, bpe.CL100K_PATTERN, bpe.O200K_PATTERN, bpe.LLAMA3_PATTERN]
 
 
+def findall(pattern, text):
+    """`regex.findall` on Unicode 16's classes: characters newer than that translated as bpe.py does
+    (which the tests of every code point above check against tiktoken)."""
+    return [text[m.start() : m.end()] for m in regex.finditer(pattern, bpe._as_unicode_16(text))]
+
+
 @fast
 @given(text=mixed_text)
 def test_fast_split_equals_the_original_pattern(short_ascii_runs, text):
     """Ids can hide a wrong split (BPE may not merge across it), so compare the chunks themselves
     with what `regex` makes of tiktoken's own pattern string."""
     for pattern in PATTERNS:
-        assert bpe.splitter(pattern)(text) == regex.findall(pattern, text)
+        assert bpe.splitter(pattern)(text) == findall(pattern, text)
 
 
 def mostly_ascii_text():
@@ -195,7 +234,7 @@ def mostly_ascii_text():
 def test_mostly_ascii_long_text_equals_tiktoken(cl100k, o200k, gpt2_split, llama3_split):
     text = mostly_ascii_text()
     for pattern in PATTERNS:
-        assert bpe.splitter(pattern)(text) == regex.findall(pattern, text)
+        assert bpe.splitter(pattern)(text) == findall(pattern, text)
     for ours, reference in (cl100k, o200k, gpt2_split, llama3_split):
         assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
 
