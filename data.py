@@ -816,7 +816,7 @@ class PrefixFolder(ImageFolder):
         return self.pictures("val", preprocess, image_size), examples
 
     def describe(self):
-        return f"{len(self.train):,} training and {len(self.val):,} validation images with a prefix and a suffix"
+        return f"{len(self.train):,} training and {len(self.val):,} validation examples of an image, a prefix and a suffix"
 
 
 class PrefixLM:
