@@ -180,9 +180,21 @@ def train_tokenizer(text, vocab_size, pattern=None, special_tokens=()):
 
 
 def load_tokenizer(directory):
+    """The tokenizer in directory: what train.py saved (tokenizer.tiktoken beside our own tokenizer.json),
+    else a Hugging Face folder's tokenizer.json, else Llama 3's tokenizer.model (a tiktoken rank file)."""
     import bpe
 
-    return bpe.Tokenizer.load(directory)
+    directory = Path(directory)
+    # train.py's tokenizer.json holds only the pattern and the special tokens; its ranks live in
+    # tokenizer.tiktoken, which a Hugging Face folder never has, so that file tells the two apart.
+    if (directory / "tokenizer.tiktoken").is_file():
+        return bpe.Tokenizer.load(directory)
+    if (directory / "tokenizer.json").is_file():
+        return bpe.Tokenizer.from_hf(directory / "tokenizer.json")
+    if (directory / "tokenizer.model").is_file():
+        return bpe.Tokenizer.from_llama3(directory / "tokenizer.model")
+    raise DataError(f"{directory} holds no tokenizer: neither a tokenizer.json (with tokenizer.tiktoken if "
+                    "train.py wrote it) nor Llama 3's tokenizer.model")
 
 
 def token_file(tokenizer, tokenizer_key, text):
