@@ -184,7 +184,7 @@ def test_vision_language_answer_is_greedy_decoding_of_bos_prompt_newline(vision_
                 break
     expected = tokenizer.decode(new)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sample, "load_trained", lambda f: (model, tokenizer, None))
+        patch.setattr(sample, "load_trained", lambda f: (model, tokenizer, frozenset()))
         assert sample.main([str(folder), "--image", str(image), "--prompt", prompt, "--temperature", "0",
                             "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
@@ -208,3 +208,275 @@ def test_vision_language_bad_input(vision_language, capsys, flags, match):
 def test_a_text_model_refuses_images(trained, vision_language, capsys):
     assert sample.main([str(trained), "--image", str(vision_language[1]), "--prompt", "The"]) == 2
     assert "does not read images" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- Hugging Face tokenizer.json and --chat
+
+# Qwen2's split pattern; the tokenizer.json splits with it, then maps bytes to characters (ByteLevel).
+SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+CHAT_TEXT = "Hello! How are you today? I am well, thank you. The cat sat on the mat and the dog ate its food. Today Date: 1 Jan 2026\n"
+# Llama 3's own template: bos, then each message with its header, content trimmed.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# As Llama 3.1's template writes it: a system turn with today's date (from strftime_now) first; no other.
+LLAMA31_TEMPLATE = """{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{{- "Today Date: " + date_string + "\n\n<|eot_id|>" }}
+{%- for message in messages %}
+    {%- if message['role'] == 'system' %}
+        {%- continue %}
+    {%- endif %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+# ChatML as Qwen2.5 writes it: a default system prompt, whitespace control; the assistant's text in
+# {% generation %}, as templates made for training write it.
+QWEN_TEMPLATE = (
+    "{%- for message in messages %}\n"
+    "    {%- if loop.first and message['role'] != 'system' %}\n"
+    "        {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|im_start|>' + message['role'] + '\n' }}\n"
+    "    {%- if message['role'] == 'assistant' %}\n"
+    "        {% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}\n"
+    "        {{- '\n' }}\n"
+    "    {%- else %}\n"
+    "        {{- message['content'] + '<|im_end|>\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\n' }}\n"
+    "{%- endif %}\n"
+)
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                   "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+FOLDERS = {  # architecture, special tokens, tokenizer_config.json, chat_template.jinja
+    "llama": ("LlamaForCausalLM", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                   "<|eot_id|>"],
+              dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"), LLAMA31_TEMPLATE),
+    "qwen2": ("Qwen2ForCausalLM", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                   chat_template=[{"name": "tool_use", "template": CHATML_TEMPLATE},
+                                  {"name": "default", "template": QWEN_TEMPLATE}]), None),
+}
+
+
+def write_hf_folder(folder, name, context=128):
+    """A tiny random checkpoint of FOLDERS[name] with a byte-level BPE tokenizer.json trained here, and the
+    transformers model."""
+    import json
+
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    architecture, specials, tokenizer_config, jinja_file = FOLDERS[name]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([CHAT_TEXT] * 20, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    torch.manual_seed(0)
+    config = config_class(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                          tie_word_embeddings=False, eos_token_id=tokenizer.token_to_id(tokenizer_config["eos_token"]))
+    model = getattr(transformers, architecture)(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer_config}))
+    if jinja_file:
+        (folder / "chat_template.jinja").write_text(jinja_file)
+    return model
+
+
+def hf_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def greedy(model, ids, n):
+    """transformers' greedy continuation of ids, without the eos it stops at."""
+    with torch.no_grad():
+        new = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    return [t for t in new if t not in (eos if isinstance(eos, list) else [eos])]
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {name: (root / name, write_hf_folder(root / name, name)) for name in FOLDERS}
+
+
+@pytest.fixture
+def prompts_and_answers(monkeypatch):
+    """The (prompt ids, answer ids) of every answer sample.py generates."""
+    calls, original = [], sample.continuation
+
+    def spy(model, tokenizer, ids, *rest):
+        new, seconds = original(model, tokenizer, ids, *rest)
+        calls.append((list(ids), new))
+        return new, seconds
+
+    monkeypatch.setattr(sample, "continuation", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_hugging_face_tokenizer_json_folder_matches_transformers(hf_folders, name, capsys, prompts_and_answers):
+    folder, model = hf_folders[name]
+    prompt = "The cat sat"
+    assert sample.main(["--hf", str(folder), "--prompt", prompt, "--max-new-tokens", "10", "--temperature", "0"]) == 0
+    tokenizer = hf_tokenizer(folder)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert prompts_and_answers == [(ids, greedy(model, ids, 10))]
+    assert capsys.readouterr().out == prompt + tokenizer.decode(prompts_and_answers[0][1]) + "\n"
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_chat_turns_are_the_folders_template_with_the_conversation_so_far(hf_folders, name, capsys, monkeypatch,
+                                                                          prompts_and_answers):
+    """Each stdin line is a user turn; its prompt is transformers' apply_chat_template of the conversation
+    so far with the generation prompt, and the answer is transformers' greedy generate."""
+    folder, model = hf_folders[name]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello! How are you?\n\nWhat did the cat do?\n"))
+    assert sample.main(["--hf", str(folder), "--chat", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    tokenizer = hf_tokenizer(folder)
+    conversation, expected = [], []
+    for question in ["Hello! How are you?", "What did the cat do?"]:
+        conversation.append({"role": "user", "content": question})
+        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)["input_ids"]
+        expected.append((ids, greedy(model, ids, 8)))
+        conversation.append({"role": "assistant", "content": tokenizer.decode(expected[-1][1])})
+    assert prompts_and_answers == expected
+    assert capsys.readouterr().out == "".join(tokenizer.decode(new) + "\n" for _, new in expected)
+
+
+def test_chat_drops_the_oldest_turns_that_no_longer_fit(hf_folders, capsys, monkeypatch, prompts_and_answers):
+    folder, model = hf_folders["qwen2"]
+    questions = ["Hello! How are you today?", "What did the cat do?", "And the dog?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(q + "\n" for q in questions)))
+    assert sample.main(["--hf", str(folder), "--chat", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    tokenizer = hf_tokenizer(folder)
+    prompts = [ids for ids, _ in prompts_and_answers]
+    answers = [tokenizer.decode(new) for _, new in prompts_and_answers]
+    kept = [[0], [0, 1], [1, 2]]  # with the first turn, the third leaves no room for 12 new tokens
+    for ids, turns in zip(prompts, kept):
+        conversation = [m for i in turns for m in ({"role": "user", "content": questions[i]},
+                                                   {"role": "assistant", "content": answers[i]})][:-1]
+        assert ids == tokenizer.apply_chat_template(conversation, add_generation_prompt=True)["input_ids"]
+    assert err.count("note: dropped the oldest turn") == 1
+
+
+@pytest.mark.parametrize("name, why", [("llama", "no jinja2"), ("llama", "jinja2 3.1.5"), ("qwen2", "no template")])
+def test_chat_falls_back_on_the_format_the_special_tokens_show(hf_folders, name, why, tmp_path, capsys, monkeypatch,
+                                                               prompts_and_answers):
+    """Without jinja2 3.1.6 or later, or without a template, Llama 3's format and ChatML are built in."""
+    folder = tmp_path / name
+    shutil.copytree(hf_folders[name][0], folder)
+    tokenizer = hf_tokenizer(folder)
+    if why == "no jinja2":
+        monkeypatch.setitem(sys.modules, "jinja2", None)  # import jinja2 raises ImportError
+    if why == "jinja2 3.1.5":
+        import jinja2
+
+        monkeypatch.setattr(jinja2, "__version__", "3.1.5")
+    if why == "no template":
+        (folder / "tokenizer_config.json").unlink()
+    question = [{"role": "user", "content": " What did the cat do? "}]
+    assert sample.main(["--hf", str(folder), "--chat", "--prompt", question[0]["content"], "--max-new-tokens", "4",
+                        "--temperature", "0"]) == 0
+    monkeypatch.undo()
+    # The built-in formats write what Llama 3's template (not Llama 3.1's) and plain ChatML write.
+    template = LLAMA3_TEMPLATE if name == "llama" else CHATML_TEMPLATE
+    expected = tokenizer.apply_chat_template(question, chat_template=template, add_generation_prompt=True)["input_ids"]
+    assert prompts_and_answers[0][0] == expected
+    assert ("note: without jinja2 3.1.6 or later" in capsys.readouterr().err) == (name == "llama")
+
+
+def test_generation_config_eos_ids_end_the_answer(hf_folders, tmp_path, capsys):
+    """generation_config.json's list of eos ids overrides config.json's eos_token_id; any of them ends the
+    answer, as it ends transformers' generate, and is not printed."""
+    import json
+
+    from transformers import GenerationConfig
+
+    folder = tmp_path / "qwen2"
+    shutil.copytree(hf_folders["qwen2"][0], folder)
+    model = hf_folders["qwen2"][1]
+    ids = hf_tokenizer(folder)("The cat sat", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        free = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(ids):].tolist()
+    # The eos: a token that greedy decoding reaches for the first time after a few steps, listed second
+    # after one that it never reaches; config.json's eos is neither.
+    at = next(i for i in range(2, len(free)) if free[i] not in free[:i])
+    never = next(t for t in range(model.config.vocab_size) if t not in free)
+    assert model.config.eos_token_id not in free
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [never, free[at]]}))
+    with torch.no_grad():
+        reference = model.generate(torch.tensor([ids]), generation_config=GenerationConfig.from_pretrained(folder),
+                                   max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert reference == free[: at + 1]
+    assert sample.main(["--hf", str(folder), "--prompt", "The cat sat", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == "The cat sat" + hf_tokenizer(folder).decode(free[:at]) + "\n"
+
+
+@pytest.mark.parametrize("change, flags, match", [
+    ("no tokenizer", [], "holds no tokenizer: neither a tokenizer.json"),
+    ("unknown tokens, no template", ["--chat"], "--chat needs a chat template, and"),
+    ("unknown tokens, no jinja2", ["--chat"], "--chat needs jinja2 3.1.6 or later"),
+    ("template refuses", ["--chat", "--prompt", "Hi"], "refuses the conversation (only a system turn, please)"),
+    ("templates without default", ["--chat"], "none default"),
+    ("eos is text", [], "is neither a token id nor a list"),
+    ("", ["--chat", "--prompt", "word " * 100], "the prompt is"),
+    ("", ["--chat", "--image", "a.png"], "--chat takes text turns"),
+])
+def test_hugging_face_bad_input(hf_folders, tmp_path, capsys, monkeypatch, change, flags, match):
+    import json
+
+    folder = tmp_path / "qwen2"
+    shutil.copytree(hf_folders["qwen2"][0], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    if change == "no tokenizer":
+        (folder / "tokenizer.json").unlink()
+    if change.startswith("unknown tokens"):  # neither Llama 3's nor ChatML's special tokens to fall back on
+        text = (folder / "tokenizer.json").read_text()
+        (folder / "tokenizer.json").write_text(text.replace("<|im_start|>", "<|turn|>").replace("<|im_end|>", "<|end|>"))
+    if change == "unknown tokens, no template":
+        (folder / "tokenizer_config.json").unlink()
+    if change == "unknown tokens, no jinja2":
+        monkeypatch.setitem(sys.modules, "jinja2", None)
+    if change == "template refuses":
+        config["chat_template"] = "{{ raise_exception('only a system turn, please') }}"
+    if change == "templates without default":
+        config["chat_template"] = [{"name": "tool_use", "template": QWEN_TEMPLATE}]
+    if change == "eos is text":
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": "<|im_end|>"}))
+    if "template" in change and "no template" not in change:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert sample.main(["--hf", str(folder), *flags, "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_chat_needs_a_hugging_face_folder(trained, capsys):
+    assert sample.main([str(trained), "--chat", "--prompt", "Hi"]) == 2
+    assert "--chat talks to a Hugging Face instruct model" in capsys.readouterr().err
