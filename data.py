@@ -29,8 +29,10 @@ Where things are cached ($LLMS_FROM_SCRATCH_CACHE, else $XDG_CACHE_HOME/llms-fro
 
 import glob
 import hashlib
+import inspect
 import math
 import os
+import shutil
 import sys
 import tempfile
 import urllib.request
@@ -274,12 +276,18 @@ class WindowStream(IterableDataset):
 class CausalLM:
     """Next-token prediction on text: BPE tokens, windows of the training split, bits per byte."""
 
-    def __init__(self, source=None, vocab_size=2048, pattern=None, val_fraction=0.1):
+    def __init__(self, source=None, vocab_size=2048, pattern=None, val_fraction=0.1, tokenizer=None):
+        """tokenizer: None to train one on the training split, or (tokenizer, key, files) to use that
+        one, a pretrained model's: key names its token files in the cache, files are copied by save()."""
         text = read_text(source)
         train_text, val_text = split_text(text, val_fraction)
         if not val_text.strip():
             raise DataError("the corpus is too short to hold out a validation split; pass more text")
-        self.tokenizer, key = train_tokenizer(train_text, vocab_size, pattern)
+        if tokenizer is None:
+            self.tokenizer, key = train_tokenizer(train_text, vocab_size, pattern)
+            self.tokenizer_files = None
+        else:
+            self.tokenizer, key, self.tokenizer_files = tokenizer
         self.train_tokens = token_file(self.tokenizer, key, train_text)
         self.val_tokens = token_file(self.tokenizer, key, val_text)
         # UTF-8 bytes of every token, to turn a loss per token into bits per byte.
@@ -355,7 +363,11 @@ class CausalLM:
         return self.tokenizer.decode(out[0].tolist())
 
     def save(self, out_dir):
-        self.tokenizer.save(out_dir)
+        if self.tokenizer_files is None:
+            self.tokenizer.save(out_dir)
+            return
+        for path in self.tokenizer_files:  # a pretrained tokenizer, in its own files, as sample.py reads them
+            atomic_write(Path(out_dir) / path.name, lambda tmp, path=path: shutil.copyfile(path, tmp))
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -1003,6 +1015,11 @@ class PrefixLM:
 
 
 PIPELINES = {"causal_lm": CausalLM, "image_text": ImageText, "prefix_lm": PrefixLM}
+
+
+def takes_tokenizer(task):
+    """Whether the pipeline of task can use a given tokenizer (train.py --init) instead of training one."""
+    return task in PIPELINES and "tokenizer" in inspect.signature(PIPELINES[task]).parameters
 
 
 def pipeline(task, module=None, **kwargs):

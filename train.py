@@ -8,6 +8,11 @@ The loop: AdamW (fused where the device has it; no weight decay on norms, biases
 linear warmup then cosine decay to min_lr_ratio of the peak, gradient clipping and accumulation, bf16
 autocast on CUDA, DDP under torchrun (gloo on CPU, nccl on CUDA).
 
+Fine-tuning: --init DIR starts from the weights of a Hugging Face checkpoint folder (the model file
+whose HF_ARCHITECTURES lists its architecture loads it) or of a folder train.py wrote, and uses that
+folder's tokenizer instead of training one; the folder's config holds, but for the training context
+(the recipe's max_seq_len unless --set) and a learning rate of INIT_LR unless --lr.
+
 Length of the run: --max-steps fixes it (and then no time budget applies unless --time-budget is
 given). Otherwise --time-budget seconds of wall time, counted from the start of this script and
 including data preparation, evaluation, sampling and saving: the number of steps is estimated from
@@ -85,6 +90,9 @@ DEFAULTS = dict(
     eval_every=100,  # steps between evaluations
     eval_tokens=32768,  # validation tokens per evaluation (whole windows; 0: all)
 )
+# A pretrained model (--init) takes small steps: a learning rate made for random weights would undo
+# what it knows in a few hundred steps. The rest of the recipe holds.
+INIT_LR = 5e-5
 
 # Dense bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = [
@@ -133,6 +141,99 @@ def import_model(name):
     return importlib.import_module(name)
 
 
+def model_for_architecture(architecture):
+    """The name of the model file whose HF_ARCHITECTURES lists architecture, read without importing every file."""
+    for name in model_choices():
+        for node in ast.parse((ROOT / f"{name}.py").read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "HF_ARCHITECTURES" for t in node.targets):
+                if architecture in ast.literal_eval(node.value):
+                    return name
+    raise CliError(f"no model file loads the architecture {architecture}")
+
+
+def read_folder_config(folder):
+    """config.json of a checkpoint folder: train.py's ({"model", "config", ...}) or a Hugging Face one."""
+    path = Path(folder) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot read {path} ({e.strerror if isinstance(e, OSError) else e}); pass a Hugging Face "
+                       "checkpoint folder or one that train.py wrote") from None
+    if not isinstance(saved, dict):
+        raise CliError(f"{path} is not a model's config; pass a Hugging Face checkpoint folder or one that train.py wrote")
+    return saved
+
+
+def folder_model(folder):
+    """The model file of a checkpoint folder: the one train.py wrote it with, or the one that loads its architecture."""
+    saved = read_folder_config(folder)
+    if isinstance(saved.get("model"), str) and isinstance(saved.get("config"), dict):
+        return saved["model"]
+    architectures = saved.get("architectures") or ["(none)"]
+    return model_for_architecture(architectures[0])
+
+
+def load_folder(folder, module):
+    """The model in a checkpoint folder, float32: train.py's (config.json and model.safetensors, checked
+    against the digest it carries) or a Hugging Face one (Model.from_pretrained)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model, safe_open
+
+    folder = Path(folder)
+    saved = read_folder_config(folder)
+    try:
+        if isinstance(saved.get("config"), dict) and "model" in saved:
+            model = module.Model(module.Config(**saved["config"]))
+            with safe_open(folder / "model.safetensors", "pt") as f:
+                metadata = f.metadata()
+            load_model(model, folder / "model.safetensors")
+            check_weights(model, folder / "model.safetensors", metadata)
+            return model
+        return module.Model.from_pretrained(folder)
+    except CliError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, RuntimeError) as e:
+        raise CliError(f"cannot load the model in {folder} ({type(e).__name__}: {in_one_line(e)}); it may be "
+                       "corrupt, incomplete or written by another version of its model file") from None
+
+
+TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def load_init(folder, module, overrides, context=None):
+    """(model, config, tokenizer) to fine-tune from --init: the folder's weights; its config with the
+    --set fields changed, and the training context cut to context unless --set gives max_seq_len; and
+    its tokenizer as data.py's pipelines take it: (tokenizer, a key of its files' content, the files to
+    copy into the run's folder)."""
+    source = load_folder(folder, module)
+    if context and "max_seq_len" not in overrides:
+        overrides = {**overrides, "max_seq_len": min(context, source.config.max_seq_len)}
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise CliError(f"Config of {module.__name__} has no field {', '.join(unknown)}; its fields: {', '.join(sorted(fields))}")
+    try:
+        config = dataclasses.replace(source.config, **overrides)
+        model = module.Model(config)
+    except (ValueError, TypeError) as e:
+        raise CliError(f"invalid config: {e}") from None
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError:
+        raise CliError(f"--set {', '.join(sorted(overrides))} changes the shape of the weights in {folder}; with "
+                       "--init only fields such as max_seq_len and dropout can change") from None
+    try:
+        tokenizer = data.load_tokenizer(folder)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot load the tokenizer in {folder} ({in_one_line(e)})") from None
+    files = [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
+    key = "init-" + hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+    if tokenizer.n_vocab > config.vocab_size:
+        raise CliError(f"the tokenizer in {folder} has {tokenizer.n_vocab} tokens but the model only {config.vocab_size}; "
+                       "the folder's tokenizer is not the model's")
+    return model, config, (tokenizer, key, files)
+
+
 def parse_value(text):
     try:
         return ast.literal_eval(text)
@@ -166,12 +267,20 @@ class HelpFormatter(argparse.HelpFormatter):
 def parse_args(argv):
     pre = argparse.ArgumentParser(add_help=False)
     choices = model_choices()
-    pre.add_argument("--model", default=DEFAULT_MODEL)
-    name = pre.parse_known_args(argv)[0].model
+    pre.add_argument("--model", default=None)
+    pre.add_argument("--init", default=None)
+    known = pre.parse_known_args(argv)[0]
+    name = known.model or DEFAULT_MODEL
+    if known.init is not None:
+        name = folder_model(known.init)
+        if known.model not in (None, name):
+            raise CliError(f"--init {known.init} holds a {name} model, not {known.model}; leave --model out with --init")
     recipe = dict(DEFAULTS)
     if name in choices:
         recipe.update(getattr(importlib.import_module(name), "TRAIN_RECIPE", {}))
     r = recipe
+    if known.init is not None:
+        recipe["lr"] = INIT_LR
 
     p = argparse.ArgumentParser(
         description="Train a model file of this project. Defaults come from the model's TRAIN_RECIPE "
@@ -182,6 +291,9 @@ def parse_args(argv):
     p.add_argument("--data", default=None, help="text models: a text file, folder of .txt files, glob or http(s) URL (default: the stdlib's pydoc_data.topics); image-text models: an image folder with metadata.jsonl (default: pictures of shapes)")
     p.add_argument("--out", default=None, help="output folder (default: out/<model> for the built-in data, out/<model>-<name of --data> otherwise)")
     p.add_argument("--fresh", action="store_true", help="start over even if --out holds a checkpoint")
+    p.add_argument("--init", default=None, metavar="DIR", help="fine-tune: start from the weights in DIR (a Hugging Face "
+                   f"checkpoint folder or one train.py wrote) and use its tokenizer; the learning rate defaults to {INIT_LR}, "
+                   "the context to the recipe's max_seq_len")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps; fixes the schedule length and turns the time budget off unless --time-budget is given")
     p.add_argument("--time-budget", type=float, default=None, help=f"seconds of wall time for the whole run, 0 for none (default: {r['time_budget']} unless --max-steps)")
     p.add_argument("--batch-size", type=int, default=r["batch_size"], help="sequences per micro-batch per process")
@@ -209,13 +321,16 @@ def parse_args(argv):
     p.add_argument("--no-plot", action="store_true", help="skip loss.png")
     p.add_argument("--wandb", nargs="?", const="llms-from-scratch", default=None, metavar="PROJECT", help="log to Weights & Biases (needs wandb)")
     args = p.parse_args(argv)
-    overrides = dict(r["config"])
+    given = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise CliError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = parse_value(value.strip())
-    args.overrides = overrides
+        given[key.strip()] = parse_value(value.strip())
+    # From scratch, the recipe's config with --set on top; from --init, the folder's config with only
+    # the training context (and --set) changed, since the other fields fix the weights' shapes.
+    args.overrides = {**r["config"], **given} if args.init is None else given
+    args.init_context = r["config"].get("max_seq_len")
     if args.time_budget is None:
         args.time_budget = 0 if args.max_steps is not None else r["time_budget"]
     check_flags(args)
@@ -569,14 +684,27 @@ class Run:
 
     def _data_and_model(self):
         args = self.args
+        init = None
+        if args.init is not None:
+            init = load_init(args.init, self.module, args.overrides, args.init_context)
+            if not data.takes_tokenizer(self.task):
+                raise CliError(f"--init fine-tunes models whose data is text; the {self.task} pipeline of "
+                               f"{args.model} trains its own tokenizer")
         if self.ddp and not self.main_rank:
             dist.barrier()  # rank 0 trains and caches the tokenizer and token files first
-        self.pipe = data.pipeline(self.task, self.module, source=args.data, vocab_size=args.vocab_size)
+        extra = {} if init is None else {"tokenizer": init[2]}
+        self.pipe = data.pipeline(self.task, self.module, source=args.data, vocab_size=args.vocab_size, **extra)
         if self.ddp and self.main_rank:
             dist.barrier()
-        self.config = build_config(self.module, {**args.overrides, **self.pipe.model_config()})
+        if init is None:
+            self.config = build_config(self.module, {**args.overrides, **self.pipe.model_config()})
+        else:
+            self.config = init[1]
         self.pipe.check(self.config)  # both splits hold at least one example of the model's shape
         torch.manual_seed(args.seed)
+        if init is not None:
+            self.model = init[0]
+            return
         try:
             self.model = self.module.Model(self.config)
         except ValueError as e:
@@ -585,7 +713,10 @@ class Run:
     def run_settings(self):
         """What fixes the data order and the size of a step; a resumed run must keep them."""
         a = self.args
-        return {"processes": self.world, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "seed": a.seed}
+        settings = {"processes": self.world, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "seed": a.seed}
+        if a.init is not None:  # where the weights came from; a run resumed from other ones is another run
+            settings["init"] = str(Path(a.init).resolve())
+        return settings
 
     def _prepare_output(self):
         """Check that out can be written, leaving it as it was."""
