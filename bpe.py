@@ -1,4 +1,5 @@
-"""Byte-level BPE: train a vocabulary, then encode and decode exactly like tiktoken.
+"""Byte-level BPE: train a vocabulary, then encode and decode exactly like tiktoken; or read a Hugging
+Face tokenizer.json and encode exactly like the `tokenizers` library.
 
 Byte-pair encoding (Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword
 Units") starts from single symbols and repeatedly joins the most frequent adjacent pair into a new
@@ -14,11 +15,15 @@ adjacent pair is in the vocabulary. With the same ranks and split pattern this g
 tiktoken's ids; `train` produces ranks in that format, and `Tokenizer.save` writes tiktoken's rank
 file, so a trained tokenizer can be handed to `tiktoken.Encoding` unchanged.
 
+The other common format, a Hugging Face tokenizer.json (GPT-2, Llama 3, Qwen2, SmolLM2), ranks pairs
+rather than tokens: `Tokenizer.from_hf` reads it into an HFTokenizer, which has the same interface and
+merges as the `tokenizers` library does (its docstring says when that agrees with tiktoken's rule).
+
 The split classifies characters (letter, digit, mark, space) by the tables of Unicode 16.0, as tiktoken
-does, whichever Unicode version the installed `regex` knows (see "Unicode version" below), so the ids
-equal tiktoken's on every code point. One known difference remains: where one special token is a
-prefix of another (no encoding of tiktoken's or Llama 3's has such a pair), tiktoken picks among those
-that start at the same place in the order of its hash map; `encode` takes the longest.
+and `tokenizers` do, whichever Unicode version the installed `regex` knows (see "Unicode version"
+below), so the ids equal tiktoken's on every code point. One known difference remains: where one
+special token is a prefix of another (no encoding of tiktoken's or Llama 3's has such a pair), tiktoken
+picks among those that start at the same place in the order of its hash map; `encode` takes the longest.
 
 Training (`train`) is the textbook loop, made fast the usual way:
   1. split the corpus into chunks and count identical chunks once (a corpus has far fewer distinct
@@ -41,13 +46,16 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections import Counter, defaultdict, deque
+from typing import NamedTuple
 
 import regex
 
 # -----------------------------------------------------------------------------
-# Split patterns: tiktoken's strings, letter for letter. `regex` understands \p{..} classes and
-# possessive quantifiers, and its \s is Unicode White_Space like Rust's, so it splits as tiktoken does.
+# Split patterns: tiktoken's, Llama 3's and Qwen2's strings, letter for letter. `regex` understands \p{..}
+# classes and possessive quantifiers, and its \s is Unicode White_Space like Rust's, so it splits as
+# tiktoken and `tokenizers` do.
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
@@ -63,6 +71,12 @@ O200K_PATTERN = "|".join(
     ]
 )
 LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+# The `tokenizers` library's ByteLevel pre-tokenizer splits by this one (GPT-2's and SmolLM2's
+# tokenizer.json). It is GPT-2's pattern written differently: its last `\s+` is reached only by a lone
+# whitespace character before a non-space (a longer run matches `\s+(?!\S)` first), which GPT-2's `\s`
+# takes alone too, and GPT-2's `\s++$` matches nothing that `\s+(?!\S)` would not.
+BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 # Meta's names for Llama 3.1 / 3.2 / 3.3's 256 special tokens, numbered right after the ranks
 # (128000 for the real tokenizer.model). Llama 3.0 calls ids +4, +5, +8 and +10
@@ -148,7 +162,11 @@ _ASCII_EQUIVALENT = {
     CL100K_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\na-zA-Z0-9]?[a-zA-Z]+|[0-9]{1,3}| ?[^\sa-zA-Z0-9]+[\r\n]*|\s+$|\s*[\r\n]|\s+(?!\S)|\s""",
     O200K_PATTERN: r"""[^\r\na-zA-Z0-9]?[A-Z]*[a-z]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\na-zA-Z0-9]?[A-Z]+[a-z]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[0-9]{1,3}| ?[^\sa-zA-Z0-9]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
     LLAMA3_PATTERN: r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\na-zA-Z0-9]?[a-zA-Z]+|[0-9]{1,3}| ?[^\sa-zA-Z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    QWEN2_PATTERN: r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\na-zA-Z0-9]?[a-zA-Z]+|[0-9]| ?[^\sa-zA-Z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
 }
+# tokenizers' ByteLevel regex makes GPT-2's chunks (see above), so it takes GPT-2's faster forms.
+_FASTER_EQUIVALENT[BYTE_LEVEL_PATTERN] = _FASTER_EQUIVALENT[GPT2_PATTERN]
+_ASCII_EQUIVALENT[BYTE_LEVEL_PATTERN] = _ASCII_EQUIVALENT[GPT2_PATTERN]
 _LONG_ASCII = re.compile(r"[\x00-\x7f]{256,}")
 _CUT = re.compile(r"(?<=\S) ")  # `re`'s \S excludes a few non-White_Space controls too: fewer cuts, still safe
 
@@ -158,7 +176,7 @@ def splitter(pattern: str):
     (see "Unicode version" above) but faster.
 
     Mostly-ASCII text is cut into long ASCII stretches, split by `re` with the ASCII translation, and
-    the rest, split by `regex`. The cuts go before a space that follows a non-space: in all four
+    the rest, split by `regex`. The cuts go before a space that follows a non-space: in all the
     known patterns no chunk runs from a non-space into a following space (a chunk takes a space only
     as its first character or within a run of whitespace), and whether a chunk matches depends on
     nothing to its left, nor (lookaheads and `$` being reached only inside runs of whitespace) on
@@ -263,19 +281,31 @@ def _bpe_merge_long(piece: bytes, ranks: dict) -> list:
     return ids
 
 
+def _rank_encoder(ranks: dict):
+    """chunk -> ids by tiktoken's rule: the chunk's own rank if it has one (most chunks of real text are
+    one token), else bpe_merge of its bytes."""
+
+    def encode_chunk(chunk: str) -> list:
+        piece = chunk.encode("utf-8")
+        rank = ranks.get(piece)
+        if rank is not None:
+            return [rank]
+        try:
+            return bpe_merge(piece, ranks)
+        except KeyError as e:
+            raise ValueError(f"byte string {e.args[0]!r} has no rank; mergeable_ranks must hold all 256 single bytes") from None
+
+    return encode_chunk
+
+
 class _ChunkCache(dict):
     """chunk (str) -> its token ids; a chunk seen for the first time is encoded on the spot."""
 
-    def __init__(self, ranks: dict):
-        self.ranks = ranks
+    def __init__(self, encode_chunk):
+        self.encode_chunk = encode_chunk
 
     def __missing__(self, chunk: str) -> list:
-        piece = chunk.encode("utf-8")
-        rank = self.ranks.get(piece)  # most chunks of real text are one token
-        try:
-            ids = self[chunk] = [rank] if rank is not None else bpe_merge(piece, self.ranks)
-        except KeyError as e:
-            raise ValueError(f"byte string {e.args[0]!r} has no rank; mergeable_ranks must hold all 256 single bytes") from None
+        ids = self[chunk] = self.encode_chunk(chunk)
         return ids
 
 
@@ -283,58 +313,32 @@ class _ChunkCache(dict):
 # The tokenizer
 
 
-class Tokenizer:
-    """Byte-level BPE with tiktoken's interface: ids equal tiktoken's for the same ranks and pattern."""
+class _TokenizerBase:
+    """What Tokenizer and HFTokenizer share: tiktoken's `encode` interface to special tokens, the cache of
+    chunk ids, and decoding. A subclass calls `_setup` and defines `_encode_text(text, allowed)`: the ids
+    of `text` in which the special tokens in `allowed`, and no others, are encoded as special tokens."""
 
-    def __init__(self, mergeable_ranks: dict, pattern: str, special_tokens: dict | None = None):
-        special_tokens = dict(special_tokens or {})
-        ids = set(mergeable_ranks.values())
-        if len(ids) != len(mergeable_ranks):
-            raise ValueError("mergeable_ranks gives the same rank to two tokens; every rank must be unique")
-        clash = [t for t, i in special_tokens.items() if i in ids]
-        if clash:
-            raise ValueError(f"special token {clash[0]!r} reuses an id of mergeable_ranks; give it a free id")
-        self.mergeable_ranks = mergeable_ranks
-        self.pattern = pattern
+    _CACHE_SIZE = 1 << 20
+
+    def _setup(self, special_tokens: dict, decoder: dict, encode_chunk) -> None:
         self.special_tokens = special_tokens
-        self._split = splitter(pattern)
-        self._decoder = {i: t for t, i in mergeable_ranks.items()}
-        self._decoder.update((i, t.encode("utf-8")) for t, i in special_tokens.items())
-        self._n_vocab = max(self._decoder, default=-1) + 1
+        self._decoder = decoder  # id -> bytes, special tokens included
+        self._n_vocab = max(decoder, default=-1) + 1
         self._special_regexes = {}  # frozenset of special tokens -> regex that finds them
         # Real text repeats chunks so often that after the first few kilobytes almost every chunk is
         # a cache hit; the cache is cleared when it grows past _CACHE_SIZE.
-        self._cache = _ChunkCache(mergeable_ranks)
-
-    _CACHE_SIZE = 1 << 20
+        self._cache = _ChunkCache(encode_chunk)
 
     @property
     def n_vocab(self) -> int:
         """The largest id plus one, special tokens included."""
         return self._n_vocab
 
-    def __repr__(self):
-        return f"<Tokenizer {len(self.mergeable_ranks)} ranks, {len(self.special_tokens)} special tokens>"
-
     # ---- encoding
 
     def encode_ordinary(self, text: str) -> list:
         """Ids of `text`, treating special-token strings as ordinary text."""
-        try:
-            return self._encode_chunks(self._split(text))
-        except UnicodeEncodeError:
-            # Lone surrogates cannot be UTF-8 encoded; tiktoken replaces them (and joins valid
-            # surrogate pairs) this way, so we do the same to give its ids.
-            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            return self._encode_chunks(self._split(text))
-
-    def _encode_chunks(self, chunks: list) -> list:
-        if len(self._cache) > self._CACHE_SIZE:
-            self._cache.clear()
-        ids = []
-        # The loop's work happens in C: a cache hit is a dict lookup, and `extend` copies the ids.
-        deque(map(ids.extend, map(self._cache.__getitem__, chunks)), maxlen=0)
-        return ids
+        return self._encode(text, frozenset())
 
     def encode(self, text: str, allowed_special=frozenset(), disallowed_special="all") -> list:
         """Ids of `text`. As in tiktoken, special tokens are encoded only if allowed, and text that
@@ -349,21 +353,27 @@ class Tokenizer:
                 f"text contains the special token {m.group()!r}; pass allowed_special={{{m.group()!r}}} to encode "
                 f"it as a special token, or disallowed_special=() to encode it as ordinary text"
             )
-        if not allowed_special:
-            return self.encode_ordinary(text)
-        ids, start = [], 0
-        for m in self._specials_regex(allowed_special).finditer(text):
-            ids += self.encode_ordinary(text[start : m.start()])
-            ids.append(self.special_tokens[m.group()])
-            start = m.end()
-        ids += self.encode_ordinary(text[start:])
+        return self._encode(text, allowed_special)
+
+    def _encode(self, text: str, allowed: frozenset) -> list:
+        try:
+            return self._encode_text(text, allowed)
+        except UnicodeEncodeError:
+            # Lone surrogates cannot be UTF-8 encoded; tiktoken replaces them (and joins valid
+            # surrogate pairs) this way, so we do the same to give its ids.
+            return self._encode_text(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), allowed)
+
+    def _encode_chunks(self, chunks: list) -> list:
+        if len(self._cache) > self._CACHE_SIZE:
+            self._cache.clear()
+        ids = []
+        # The loop's work happens in C: a cache hit is a dict lookup, and `extend` copies the ids.
+        deque(map(ids.extend, map(self._cache.__getitem__, chunks)), maxlen=0)
         return ids
 
     def _specials_regex(self, specials: frozenset):
         if specials not in self._special_regexes:
-            # Longest first, so that of two specials starting at the same place the longer one wins.
-            alternatives = sorted(specials, key=len, reverse=True)
-            self._special_regexes[specials] = regex.compile("|".join(map(regex.escape, alternatives)))
+            self._special_regexes[specials] = _longest_first(specials)
         return self._special_regexes[specials]
 
     # ---- decoding
@@ -378,6 +388,44 @@ class Tokenizer:
     def decode(self, ids, errors: str = "replace") -> str:
         """Text of `ids`; byte sequences that are not valid UTF-8 become U+FFFD, as in tiktoken."""
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+
+def _longest_first(strings):
+    """A regex that finds any of `strings`: the leftmost, and of those starting there the longest."""
+    return regex.compile("|".join(map(regex.escape, sorted(strings, key=len, reverse=True))))
+
+
+class Tokenizer(_TokenizerBase):
+    """Byte-level BPE with tiktoken's interface: ids equal tiktoken's for the same ranks and pattern."""
+
+    def __init__(self, mergeable_ranks: dict, pattern: str, special_tokens: dict | None = None):
+        special_tokens = dict(special_tokens or {})
+        ids = set(mergeable_ranks.values())
+        if len(ids) != len(mergeable_ranks):
+            raise ValueError("mergeable_ranks gives the same rank to two tokens; every rank must be unique")
+        clash = [t for t, i in special_tokens.items() if i in ids]
+        if clash:
+            raise ValueError(f"special token {clash[0]!r} reuses an id of mergeable_ranks; give it a free id")
+        self.mergeable_ranks = mergeable_ranks
+        self.pattern = pattern
+        self._split = splitter(pattern)
+        decoder = {i: t for t, i in mergeable_ranks.items()}
+        decoder.update((i, t.encode("utf-8")) for t, i in special_tokens.items())
+        self._setup(special_tokens, decoder, _rank_encoder(mergeable_ranks))
+
+    def __repr__(self):
+        return f"<Tokenizer {len(self.mergeable_ranks)} ranks, {len(self.special_tokens)} special tokens>"
+
+    def _encode_text(self, text: str, allowed: frozenset) -> list:
+        if not allowed:
+            return self._encode_chunks(self._split(text))
+        ids, start = [], 0
+        for m in self._specials_regex(allowed).finditer(text):
+            ids += self._encode_chunks(self._split(text[start : m.start()]))
+            ids.append(self.special_tokens[m.group()])
+            start = m.end()
+        ids += self._encode_chunks(self._split(text[start:]))
+        return ids
 
     # ---- files
 
@@ -423,6 +471,14 @@ class Tokenizer:
         enc = tiktoken.get_encoding(name)
         return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens)
 
+    @staticmethod
+    def from_hf(path) -> "HFTokenizer":
+        """Read a Hugging Face `tokenizer.json` (or the folder that holds one) whose model is byte-level
+        BPE, as GPT-2's, Llama 3's, Qwen2's and SmolLM2's are. It merges as the `tokenizers` library does,
+        which tiktoken's ranks cannot always express, so it is an HFTokenizer (below), with the same
+        encode / decode interface and the same ids as the `tokenizers` library."""
+        return HFTokenizer.from_file(path)
+
 
 def read_rank_file(path) -> dict:
     try:
@@ -461,6 +517,373 @@ def _write_atomic(path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face tokenizer.json
+
+
+def _byte_level_alphabet() -> str:
+    """GPT-2's printable stand-ins for the 256 bytes, as a string indexed by byte value.
+
+    A byte that is a printable non-space Latin-1 character (! to ~, ¡ to ¬, ® to ÿ) stands for itself,
+    and the other 68 (controls, space, no-break space, soft hyphen) take U+0100 onwards in byte order,
+    so that Ġ (U+0120) is the space. A byte-level vocabulary spells its tokens in these characters.
+    """
+    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    others = iter(range(0x100, 0x200))
+    return "".join(chr(b) if b in printable else chr(next(others)) for b in range(256))
+
+
+BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
+_BYTE_OF = {c: b for b, c in enumerate(BYTE_LEVEL_ALPHABET)}
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    """What tokenizers' ByteLevel decoder makes of one token: the bytes its characters stand for, or, if
+    one of them is not in the alphabet (an added token such as '<b c>'), the token's own UTF-8."""
+    try:
+        return bytes(map(_BYTE_OF.__getitem__, token))
+    except KeyError:
+        return token.encode("utf-8")
+
+
+_SPACE = regex.compile(r"\s")  # Unicode's White_Space, as the \s of Rust's regex crate
+_WORD = regex.compile(r"\w")  # letters, marks, decimal digits, connector punctuation and joiners, as Rust's \w
+
+
+class _AddedToken(NamedTuple):
+    id: int
+    content: str
+    special: bool
+    single_word: bool
+    lstrip: bool
+    rstrip: bool
+    normalized: bool
+
+
+class HFTokenizer(_TokenizerBase):
+    """Byte-level BPE read from a Hugging Face tokenizer.json, with the ids of the `tokenizers` library.
+
+    Encoding follows tokenizers' steps:
+      1. Added tokens, special or not, are cut out of the text first: the leftmost match, the longest of
+         those that start there, with the token's lstrip, rstrip and single_word options. A token marked
+         `normalized` is looked for after step 2, in the normalized text between the others. Special tokens
+         count only where `encode` allows them (tokenizers' encode_special_tokens=True allows none), the
+         others always.
+      2. The normalizer, if any (NFC: Qwen2's), rewrites each stretch of text between added tokens. NFC
+         here is Python's unicodedata, with the tables of Python's Unicode version (14.0 in Python 3.11,
+         16.0 in 3.14): a mark newer than that may be ordered or composed otherwise than by tokenizers.
+      3. The pre-tokenizers split it into pieces, in order: Split by a regex (Llama 3's, Qwen2's), whose
+         matches and the text between them all become pieces; Digits (which tokenizers decides by Rust's
+         own tables, those of the Rust it was built with: in tokenizers 0.23 these know the 13 digits of
+         Unicode 17, which Unicode 16's tables here do not); and last ByteLevel, which may put a
+         space before each piece and split it by BYTE_LEVEL_PATTERN, and spells each piece's UTF-8 bytes in
+         BYTE_LEVEL_ALPHABET, the characters the vocabulary is written in.
+      4. The BPE model encodes each piece. With ignore_merges set (Llama 3), a piece that is a token of
+         the vocabulary is that token. Otherwise each character becomes its token (one missing from the
+         vocabulary becomes the unk token, its <0xNN> bytes with byte_fallback, or nothing), and then,
+         again and again, the adjacent pair that comes first in the merge list is merged (the leftmost of
+         equal pairs) into the token that spells both, until no adjacent pair is on the list.
+
+    That last rule is not tiktoken's, which merges the adjacent pair whose concatenation has the lowest
+    rank, whether or not that pair was ever a merge. The two agree when the list holds every way of
+    writing each token as two tokens, ordered by the rank of the token they make, with ignore_merges
+    (tiktoken looks a whole chunk up before merging) - which is how transformers converts tiktoken's rank
+    files, Llama 3's among them - as long as two different pairs that make the same token are never both
+    at hand (tiktoken merges the leftmost, tokenizers the first listed). A list with one pair per token, as
+    training writes it, can leave out a pair that tiktoken would merge: with the merges a+b, b+c and a+bc,
+    tokenizers encodes abc as ab, c (ab+c is not on the list) and tiktoken, which ranks the token abc, as
+    abc. So the list is not turned into ranks: HFTokenizer merges by the list, and emits the vocabulary's
+    ids, which need not follow the list's order.
+
+    Not applied: the post-processor (encode never adds tokens such as Llama 3's begin-of-text; their ids
+    come from the model's config), truncation and padding. decode writes the bytes of every token,
+    special ones included, as tokenizers' (0.23) decode(ids, skip_special_tokens=False) does.
+    """
+
+    def __init__(self, config: dict, name: str = "tokenizer.json"):
+        if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+            hint = "; read it with Tokenizer.load" if isinstance(config, dict) and "pattern" in config else ""
+            raise ValueError(f"{name} has no 'model': it is not a Hugging Face tokenizer.json{hint}")
+        self.name = name
+        vocab, encode_chunk = _hf_bpe(config["model"], name)
+        self._nfc = _hf_normalizer(config.get("normalizer"), name)
+        self._pre_tokenizers = _hf_pre_tokenizers(config.get("pre_tokenizer"), name)
+        decoder = config.get("decoder")
+        if decoder is not None and decoder.get("type") != "ByteLevel":
+            raise ValueError(f"{name}: the decoder is {decoder.get('type')}, not ByteLevel, so the vocabulary is not byte-level; use the tokenizers library for it")
+        self._added = _hf_added_tokens(config.get("added_tokens") or [], vocab, name)
+        self._vocab_size = len(vocab)
+        decoder = {i: _byte_level_bytes(t) for t, i in vocab.items()}
+        decoder.update((t.id, _byte_level_bytes(self._as_matched(t))) for t in self._added)
+        self._setup({t.content: t.id for t in self._added if t.special}, decoder, encode_chunk)
+        self._matchers = {}  # (normalized, allowed special tokens) -> (regex, matched text -> _AddedToken)
+
+    @classmethod
+    def from_file(cls, path) -> "HFTokenizer":
+        """Read `path`, a tokenizer.json or a folder that holds one."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {path}; pass a Hugging Face tokenizer.json or the folder that holds one") from None
+        except ValueError:
+            raise ValueError(f"{path} is not JSON; pass a Hugging Face tokenizer.json") from None
+        return cls(config, path)
+
+    def __repr__(self):
+        return f"<HFTokenizer {self._vocab_size} tokens, {len(self._added)} added tokens, from {self.name}>"
+
+    def _encode_text(self, text: str, allowed: frozenset) -> list:
+        ids = []
+        for part in self._cut(text, False, allowed):
+            if isinstance(part, int):
+                ids.append(part)
+                continue
+            if self._nfc:
+                part = unicodedata.normalize("NFC", part)
+            for piece in self._cut(part, True, allowed):
+                if isinstance(piece, int):
+                    ids.append(piece)
+                else:
+                    ids += self._encode_chunks(self._pre_tokenize(piece))
+        return ids
+
+    def _cut(self, text: str, normalized: bool, allowed: frozenset) -> list:
+        """`text` as pieces of text (str) and the ids of the added tokens between them (int), as
+        tokenizers' AddedVocabulary.find_matches finds them."""
+        finder, tokens = self._matcher(normalized, allowed)
+        if finder is None:
+            return [text] if text else []
+        parts, done = [], 0
+        for m in finder.finditer(text):
+            token, (start, stop) = tokens[m.group()], m.span()
+            if token.single_word:
+                before = start > 0 and _WORD.match(_as_unicode_16(text[start - 1]))
+                after = stop < len(text) and _WORD.match(_as_unicode_16(text[stop]))
+                if before or after:
+                    continue  # inside a longer word; tokenizers searches on after it
+            if token.lstrip:
+                while start > done and _SPACE.match(text[start - 1]):
+                    start -= 1
+            if token.rstrip:
+                while stop < len(text) and _SPACE.match(text[stop]):
+                    stop += 1
+            if done < start:
+                parts.append(text[done:start])
+            parts.append(token.id)
+            done = stop
+        if done < len(text):
+            parts.append(text[done:])
+        return parts
+
+    def _as_matched(self, token: _AddedToken) -> str:
+        """The text an added token is found as, and decoded from: normalized if it is looked for in
+        normalized text."""
+        return unicodedata.normalize("NFC", token.content) if token.normalized and self._nfc else token.content
+
+    def _matcher(self, normalized: bool, allowed: frozenset):
+        if (normalized, allowed) not in self._matchers:
+            tokens = {self._as_matched(t): t for t in self._added if t.normalized == normalized and (not t.special or t.content in allowed)}
+            self._matchers[normalized, allowed] = (_longest_first(tokens) if tokens else None), tokens
+        return self._matchers[normalized, allowed]
+
+    def _pre_tokenize(self, text: str) -> list:
+        pieces = [text]
+        for split in self._pre_tokenizers:
+            pieces = [p for piece in pieces for p in split(piece)]
+        return pieces
+
+
+def _hf_normalizer(normalizer, name: str) -> bool:
+    """Whether the text is NFC-normalized: the one normalizer supported, alone or in a Sequence."""
+    steps = normalizer.get("normalizers", []) if normalizer and normalizer.get("type") == "Sequence" else [normalizer]
+    kinds = [step.get("type") for step in steps if step is not None]
+    for kind in kinds:
+        if kind != "NFC":
+            raise ValueError(f"{name}: the normalizer {kind} rewrites the text, which HFTokenizer does not (it supports NFC only); use the tokenizers library for it")
+    return bool(kinds)
+
+
+def _hf_pre_tokenizers(pre_tokenizer, name: str) -> list:
+    """The pre-tokenizer as a list of functions piece -> pieces: Split and Digits steps, then ByteLevel."""
+    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer and pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    steps = [step for step in steps if step is not None]
+    for kind in (step.get("type") for step in steps):
+        if kind not in ("Split", "Digits", "ByteLevel"):
+            raise ValueError(f"{name}: the pre-tokenizer {kind} is not supported; HFTokenizer reads Split and Digits steps and a final ByteLevel, so use the tokenizers library for it")
+    if [step.get("type") for step in steps].count("ByteLevel") != 1 or steps[-1].get("type") != "ByteLevel":
+        raise ValueError(
+            f"{name}: the pre-tokenizer does not end with its one ByteLevel step, so the vocabulary is not byte-level "
+            f"(a SentencePiece-style one spells spaces as ▁); use the tokenizers library for it"
+        )
+    splits = []
+    for step in steps[:-1]:
+        if step["type"] == "Split":
+            pattern = step.get("pattern", {})
+            if step.get("behavior") != "Isolated" or step.get("invert") or not ("Regex" in pattern or "String" in pattern):
+                raise ValueError(f"{name}: a Split with behavior {step.get('behavior')}, invert {step.get('invert')} and pattern {pattern} is not supported; HFTokenizer reads Isolated splits by a Regex or String")
+            splits.append(_isolating_splitter(pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"])))
+        else:  # Digits
+            splits.append(_isolating_splitter(r"\p{N}" if step.get("individual_digits") else r"\p{N}+"))
+    byte_level = steps[-1]
+    prefix_space = byte_level.get("add_prefix_space", True)  # tokenizers' defaults
+    split = splitter(BYTE_LEVEL_PATTERN) if byte_level.get("use_regex", True) else None
+
+    def byte_level_step(piece: str) -> list:
+        if prefix_space and not piece.startswith(" "):
+            piece = " " + piece
+        return split(piece) if split else [piece]
+
+    if prefix_space or split:  # without either, ByteLevel leaves the pieces as they are
+        splits.append(byte_level_step)
+    return splits
+
+
+# The patterns whose alternatives between them match every character, so that their chunks cover the text.
+_COVERING = {GPT2_PATTERN, CL100K_PATTERN, O200K_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, BYTE_LEVEL_PATTERN}
+
+
+def _isolating_splitter(pattern: str):
+    """tokenizers' Split with behavior Isolated: each match is a piece, and so is each stretch of text
+    between matches."""
+    if pattern in _COVERING:
+        return splitter(pattern)
+    finditer = regex.compile(pattern).finditer
+
+    def split(text: str) -> list:
+        pieces, done = [], 0
+        for m in finditer(_as_unicode_16(text)):
+            start, end = m.span()
+            if done < start:
+                pieces.append(text[done:start])
+            if start < end:
+                pieces.append(text[start:end])
+            done = end
+        if done < len(text):
+            pieces.append(text[done:])
+        return pieces
+
+    return split
+
+
+def _hf_bpe(model: dict, name: str):
+    """The vocabulary (token -> id) and a function piece -> ids for a tokenizer.json's BPE model."""
+    kind = model.get("type", "BPE" if "merges" in model else None)
+    if kind != "BPE":
+        raise ValueError(f"{name}: the model is {kind}, not BPE; HFTokenizer reads byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2), so use the tokenizers library for it")
+    if model.get("dropout"):
+        raise ValueError(f"{name}: the model has dropout {model['dropout']}, which makes encoding random; set it to null")
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise ValueError(f"{name}: the model marks subwords with a prefix or suffix, which byte-level BPE does not; use the tokenizers library for it")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise ValueError(f"{name}: the model's vocab is not a mapping of tokens to ids; re-save the file with the tokenizers library")
+    if len(set(vocab.values())) != len(vocab):
+        raise ValueError(f"{name}: two tokens of the vocab share an id; every id must be unique")
+    # The merge list: (left id, right id) -> (place on the list, id of the merged token). A pair listed
+    # twice keeps its last place, as in tokenizers.
+    pairs = {}
+    for rank, merge in enumerate(model.get("merges") or []):
+        parts = merge.split(" ") if isinstance(merge, str) else merge  # "a b" in older files, ["a", "b"] in newer
+        if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(t, str) and t in vocab for t in parts) and parts[0] + parts[1] in vocab):
+            raise ValueError(f"{name}: merge {rank} ({merge!r}) is not two tokens of the vocab that make a third; re-save the file with the tokenizers library")
+        left, right = parts
+        pairs[vocab[left], vocab[right]] = rank, vocab[left + right]
+    unk = model.get("unk_token")
+    if unk is not None and unk not in vocab:
+        raise ValueError(f"{name}: the unk_token {unk!r} is not in the vocab; add it or set unk_token to null")
+    return vocab, _merge_list_encoder(vocab, pairs, model.get("ignore_merges", False), vocab.get(unk), model.get("fuse_unk", False), model.get("byte_fallback", False))
+
+
+def _merge_list_encoder(vocab: dict, pairs: dict, ignore_merges: bool, unk_id, fuse_unk: bool, byte_fallback: bool):
+    """piece -> ids by tokenizers' BPE model (step 4 of HFTokenizer's docstring)."""
+    to_byte_level = str.maketrans(dict(enumerate(BYTE_LEVEL_ALPHABET)))
+
+    def encode_chunk(piece: str) -> list:
+        word = piece.encode("utf-8").decode("latin-1").translate(to_byte_level)
+        if ignore_merges and word in vocab:
+            return [vocab[word]]
+        ids, unk = [], None  # unk: an unknown character not yet written (tokenizers writes it before the next known one)
+        for char in word:
+            if char in vocab:
+                if unk is not None:
+                    ids.append(unk)
+                    unk = None
+                ids.append(vocab[char])
+                continue
+            if byte_fallback:
+                fallback = [vocab.get(f"<0x{b:02X}>") for b in char.encode("utf-8")]
+                if None not in fallback:
+                    ids += fallback
+                    continue
+            if unk_id is not None:
+                if unk is not None and not fuse_unk:
+                    ids.append(unk)
+                unk = unk_id
+        if unk is not None:
+            ids.append(unk)
+        return _merge_by_list(ids, pairs)
+
+    return encode_chunk
+
+
+def _merge_by_list(ids: list, pairs: dict) -> list:
+    """Merge the adjacent pair that comes first in the merge list, the leftmost of equals, until no adjacent
+    pair is on it. As tokenizers does it: a heap of (place on the list, position, merged id) over a linked
+    list of symbols, where an entry whose position no longer holds its pair is skipped when popped."""
+    n = len(ids)
+    heap = []
+    for i, pair in enumerate(zip(ids, ids[1:])):
+        if pair in pairs:
+            rank, merged = pairs[pair]
+            heap.append((rank, i, merged))
+    heapq.heapify(heap)
+    nxt = list(range(1, n + 1))  # nxt[i]: the position of the symbol after the one at i (n: none)
+    prv = list(range(-1, n - 1))
+    alive = [True] * n
+    while heap:
+        _, i, new = heapq.heappop(heap)
+        j = nxt[i]
+        if not alive[i] or j >= n:
+            continue
+        current = pairs.get((ids[i], ids[j]))
+        if current is None or current[1] != new:  # the symbols at i changed since the entry was pushed
+            continue
+        ids[i], alive[j], nxt[i] = new, False, nxt[j]
+        if nxt[i] < n:
+            prv[nxt[i]] = i
+        if prv[i] >= 0 and (ids[prv[i]], new) in pairs:
+            rank, merged = pairs[ids[prv[i]], new]
+            heapq.heappush(heap, (rank, prv[i], merged))
+        if nxt[i] < n and (new, ids[nxt[i]]) in pairs:
+            rank, merged = pairs[new, ids[nxt[i]]]
+            heapq.heappush(heap, (rank, i, merged))
+    return [ids[i] for i in range(n) if alive[i]]
+
+
+def _hf_added_tokens(tokens: list, vocab: dict, name: str) -> list:
+    """The added tokens, with the ids tokenizers gives them whatever ids the file says (it warns when they
+    differ): a token of the vocabulary keeps its id there, and the others are numbered on, in the file's
+    order, after the vocabulary and after the added tokens before them."""
+    added = {}  # content -> _AddedToken; a content given twice keeps its first id and its last options
+    for token in tokens:
+        try:
+            content, special = token["content"], token.get("special", False)
+        except (KeyError, TypeError):
+            raise ValueError(f"{name}: the added token {token!r} has no content; re-save the file with the tokenizers library") from None
+        if not content:
+            continue  # tokenizers ignores empty added tokens
+        i = added[content].id if content in added else vocab.get(content, max(len(vocab), max((t.id + 1 for t in added.values()), default=0)))
+        added[content] = _AddedToken(
+            i, content, special, token.get("single_word", False), token.get("lstrip", False), token.get("rstrip", False),
+            token.get("normalized", not special),
+        )
+    return list(added.values())
 
 
 # -----------------------------------------------------------------------------

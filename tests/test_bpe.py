@@ -1,8 +1,11 @@
 """bpe.py against tiktoken: same ids for the real cl100k_base and o200k_base ranks, same ids for ranks
-we train, and a trainer that makes exactly the merges of a naive one written here."""
+we train, and a trainer that makes exactly the merges of a naive one written here. Against the
+`tokenizers` library: same ids for tokenizer.json files that it trains in the layouts of GPT-2, Llama 3,
+Qwen2 and SmolLM2."""
 
 import base64
 import gzip
+import json
 import os
 import random
 import re
@@ -108,12 +111,13 @@ def test_patterns_are_tiktokens(monkeypatch):
     assert bpe.O200K_PATTERN == openai_public.o200k_base()["pat_str"]
 
 
-def test_llama3_pattern_is_transformers():
+def test_llama3_and_qwen2_patterns_are_transformers():
     import inspect
 
     TikTokenConverter = reference("transformers.convert_slow_tokenizer").TikTokenConverter
 
     assert bpe.LLAMA3_PATTERN == inspect.signature(TikTokenConverter.__init__).parameters["pattern"].default
+    assert bpe.QWEN2_PATTERN == reference("transformers.models.qwen2.tokenization_qwen2").PRETOKENIZE_REGEX
 
 
 # ---- identical ids to tiktoken with the real ranks
@@ -205,7 +209,7 @@ def test_ascii_fast_path_cuts_like_tiktoken(cl100k, o200k, gpt2_split, llama3_sp
         assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
 
 
-PATTERNS = [bpe.GPT2_PATTERN, bpe.CL100K_PATTERN, bpe.O200K_PATTERN, bpe.LLAMA3_PATTERN]
+PATTERNS = [bpe.GPT2_PATTERN, bpe.CL100K_PATTERN, bpe.O200K_PATTERN, bpe.LLAMA3_PATTERN, bpe.QWEN2_PATTERN, bpe.BYTE_LEVEL_PATTERN]
 
 
 def findall(pattern, text):
@@ -483,3 +487,299 @@ def test_from_llama3_small_model(tmp_path):
     assert llama.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
     for t in TEXTS:
         assert llama.encode_ordinary(t) == reference.encode_ordinary(t)
+
+
+# ---- Hugging Face tokenizer.json: from_hf gives the ids of the tokenizers library
+
+
+def hf_reference(layout):
+    """A tokenizers.Tokenizer with `layout`'s components, as its tokenizer.json has them, trained here.
+
+    gpt2: ByteLevel with GPT-2's regex, <|endoftext|> in the vocabulary. llama3: Split by Llama 3's
+    regex, then ByteLevel; ignore_merges; 256 special tokens after the vocabulary; a post-processor that
+    adds <|begin_of_text|>. qwen2: NFC, Split by Qwen2's regex, ByteLevel; special and non-special added
+    tokens after the vocabulary. smollm2: Digits one by one, then ByteLevel with GPT-2's regex.
+    """
+    reference("tokenizers")
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok = Tokenizer(models.BPE(ignore_merges=layout == "llama3"))
+    if layout == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif layout == "llama3":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(bpe.LLAMA3_PATTERN), behavior="isolated"), byte_level])
+    elif layout == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(bpe.QWEN2_PATTERN), behavior="isolated"), byte_level])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    in_vocab = {"gpt2": ["<|endoftext|>"], "smollm2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]}.get(layout, [])
+    trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=in_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([pydoc_text(100_000)] + [t for t in TEXTS if utf8(t)] * 20, trainer)
+    if layout == "llama3":
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in bpe.LLAMA3_SPECIAL_TOKENS])
+        bos = ("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))
+        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[bos])
+    elif layout == "qwen2":
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ["<tool_call>", "</tool_call>", "<|fim_prefix|>"]])
+    return tok
+
+
+def utf8(text):
+    """Whether text can be UTF-8 encoded (tokenizers takes no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def hf_ids(reference, text, specials=True):
+    """tokenizers' ids of text, with special tokens found (specials) or read as text, and no post-processing."""
+    reference.encode_special_tokens = not specials
+    try:
+        return reference.encode(text, add_special_tokens=False).ids
+    finally:
+        reference.encode_special_tokens = False
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """layout -> (from_hf of the saved tokenizer.json, the tokenizers.Tokenizer that saved it)."""
+    pairs = {}
+    for layout in ["gpt2", "llama3", "qwen2", "smollm2"]:
+        reference = hf_reference(layout)
+        folder = tmp_path_factory.mktemp(layout)
+        reference.save(str(folder / "tokenizer.json"))
+        pairs[layout] = bpe.Tokenizer.from_hf(folder), reference
+    return pairs
+
+
+HF_LAYOUTS = ["gpt2", "llama3", "qwen2", "smollm2"]
+HF_TEXTS = [t for t in TEXTS if utf8(t)] + [
+    pydoc_text(50_000),
+    "<|im_start|>user\nWhat's 12345 + 6789?<|im_end|>\n<|im_start|>assistant\n<tool_call>{\"a\": 1}</tool_call><|im_end|><|endoftext|>",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi   there<|eot_id|><|im_start|",
+    "e\u0301 \u00e9 A\u030a\u0323 \u212b \ufb01 \u1e9b\u0323",  # NFC composes and reorders
+    "\u05e9\u05dc\u05d5\u05c8\u05dd \ua7ce's \u0295Ab \U00016ea0\U00016ebb",  # letters and marks new in Unicode 17
+    "x = [1, 2, 3]\n\tif x:\n\t\treturn 'ok'   \n\n\n",
+]
+
+
+@pytest.mark.parametrize("layout", HF_LAYOUTS)
+def test_from_hf_ids_equal_tokenizers(hf, layout):
+    ours, reference = hf[layout]
+    for text in HF_TEXTS:
+        ids = hf_ids(reference, text)
+        assert ours.encode(text, allowed_special="all") == ids, text[:80]
+        assert ours.encode_ordinary(text) == hf_ids(reference, text, specials=False), text[:80]
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=False)
+    assert ours.n_vocab == reference.get_vocab_size()
+
+
+HF_SNIPPETS = SNIPPETS + ["<|endoftext|>", "<|im_start|>", "<tool_call>", "<|eot_id|>", "<|im_end", "e\u0301", "\u212b", "2024"]
+# tokenizers 0.23's Digits step uses the tables of Rust's standard library, which know the digits that
+# Unicode 17 added; its regexes, and bpe.py, do not (see HFTokenizer).
+UNICODE_17_DIGITS = "".join(map(chr, [*range(0x11DE0, 0x11DEA), *range(0x16FF4, 0x16FF7)]))
+# NFC is Python's unicodedata, whose tables are those of Python's Unicode version (14.0 in Python 3.11), and
+# tokenizers' NFC knows later characters: so for Qwen2's layout, only characters Python knows.
+known_to_python = st.characters(exclude_categories=("Cs", "Cn"))
+hf_text = st.lists(st.sampled_from(HF_SNIPPETS) | st.text(known_to_python, max_size=8), max_size=30).map("".join)
+
+
+@pytest.mark.parametrize("layout", HF_LAYOUTS)
+@fast
+@given(text=hf_text)
+def test_from_hf_ids_equal_tokenizers_on_random_text(hf, layout, text):
+    ours, reference = hf[layout]
+    assert ours.encode(text, allowed_special="all") == hf_ids(reference, text)
+    assert ours.encode_ordinary(text) == hf_ids(reference, text, specials=False)
+
+
+@pytest.mark.parametrize("layout", HF_LAYOUTS)
+@fast
+@given(text=st.lists(st.sampled_from(HF_SNIPPETS) | st.text(st.characters(exclude_categories=("Cs",), exclude_characters=UNICODE_17_DIGITS), max_size=8), max_size=30).map("".join))
+def test_from_hf_pre_tokenizes_like_tokenizers(hf, layout, text):
+    """Ids can hide a different split, so compare the pieces, spelled in the byte-level alphabet."""
+    ours, reference = hf[layout]
+    spell = lambda piece: piece.encode().decode("latin-1").translate(dict(enumerate(bpe.BYTE_LEVEL_ALPHABET)))
+    theirs = [piece for piece, _ in reference.pre_tokenizer.pre_tokenize_str(text)] if text else []
+    assert [spell(piece) for piece in ours._pre_tokenize(text)] == theirs
+
+
+def test_from_hf_classes_every_code_point_as_tokenizers():
+    """tokenizers' regexes (Oniguruma) and its Digits (Rust's char::is_numeric) on all of Unicode: every
+    run of one class is one piece, so a code point classified differently moves a boundary."""
+    reference("tokenizers")
+    from tokenizers import Regex, pre_tokenizers
+
+    text = "".join(map(chr, EVERY_CODE_POINT)).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    classes = r"\p{Lu}+|\p{Ll}+|\p{Lt}+|\p{Lm}+|\p{Lo}+|\p{M}+|\p{N}+|\s+"
+    theirs = [piece for piece, _ in pre_tokenizers.Split(Regex(classes), behavior="isolated").pre_tokenize_str(text)]
+    assert bpe._isolating_splitter(classes)(text) == theirs
+    text = text.translate(dict.fromkeys(map(ord, UNICODE_17_DIGITS)))
+    theirs = [piece for piece, _ in pre_tokenizers.Digits(individual_digits=False).pre_tokenize_str(text)]
+    assert bpe._isolating_splitter(r"\p{N}+")(text) == theirs
+
+
+def test_from_hf_special_and_added_tokens(hf):
+    ours, reference = hf["qwen2"]
+    assert ours.special_tokens == {t: reference.token_to_id(t) for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]}
+    text = "<|im_start|>a<tool_call>b<|im_end|>"
+    tool_call = reference.token_to_id("<tool_call>")
+    assert tool_call in ours.encode_ordinary(text)  # not special: always an added token
+    with pytest.raises(ValueError, match=re.escape("special token '<|im_start|>'")):
+        ours.encode(text)
+    only_start = ours.encode(text, allowed_special={"<|im_start|>"}, disallowed_special=())
+    assert only_start[0] == reference.token_to_id("<|im_start|>") and reference.token_to_id("<|im_end|>") not in only_start
+    assert ours.decode(only_start) == text
+
+
+def test_from_hf_merges_by_the_list_not_by_rank(tmp_path):
+    """Merges a+b, b+c, a+bc: tokenizers leaves abc as ab, c (ab+c is not listed), tiktoken's rule would
+    make it abc, and so does ignore_merges, abc being a token. Ids are given in no particular order, and
+    neither are they the merges' order."""
+    reference("tokenizers")
+    from tokenizers import Tokenizer
+
+    alphabet = bpe.BYTE_LEVEL_ALPHABET
+    vocab = {c: 300 - i for i, c in enumerate(alphabet)} | {"ab": 7, "bc": 3, "abc": 5}
+    config = {
+        "model": {"type": "BPE", "vocab": vocab, "merges": [["a", "b"], ["b", "c"], ["a", "bc"]]},
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+    }
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(config))
+    ours, theirs = bpe.Tokenizer.from_hf(path), Tokenizer.from_file(str(path))
+    for text in ["abc", "abcabc bc abcc", "cab aabbcc"]:
+        assert ours.encode_ordinary(text) == theirs.encode(text).ids
+    assert ours.encode_ordinary("abc") == [7, vocab["c"]]
+    ranks = {bytes([b]): b for b in range(256)} | {b"ab": 256, b"bc": 257, b"abc": 258}
+    assert bpe.Tokenizer(ranks, bpe.GPT2_PATTERN).encode_ordinary("abc") == [258]
+    config["model"]["ignore_merges"] = True
+    path.write_text(json.dumps(config))
+    ours, theirs = bpe.Tokenizer.from_hf(path), Tokenizer.from_file(str(path))
+    for text in ["abc", "abcabc bc abcc", "cab aabbcc"]:
+        assert ours.encode_ordinary(text) == theirs.encode(text).ids
+    assert ours.encode_ordinary("abc") == [5]
+
+
+def test_from_hf_of_tiktoken_ranks_equals_tiktoken(trained, tmp_path):
+    """transformers' conversion of a tiktoken rank file lists every pair that makes a token, in the order
+    of the tokens' ranks, with ignore_merges: then merging by the list gives tiktoken's ids."""
+    TikTokenConverter = reference("transformers.convert_slow_tokenizer").TikTokenConverter
+
+    tok, tiktoken_reference = trained
+    tok.save(tmp_path)
+    specials = sorted(tok.special_tokens, key=tok.special_tokens.get)
+    converted = TikTokenConverter(str(tmp_path / "tokenizer.tiktoken"), pattern=tok.pattern, extra_special_tokens=specials).converted()
+    converted.save(str(tmp_path / "converted.json"))
+    ours = bpe.Tokenizer.from_hf(tmp_path / "converted.json")
+    for text in [pydoc_text(30_000)] + [t for t in TEXTS if utf8(t)] + ["a<|pad|>b<|endoftext|>"]:
+        ids = tiktoken_reference.encode(text, allowed_special="all")
+        assert ours.encode(text, allowed_special="all") == ids == hf_ids(converted, text)
+
+
+def hf_config(reference):
+    return json.loads(reference.to_str())
+
+
+def rebuilt(config, tmp_path):
+    """from_hf and tokenizers of the tokenizer.json `config`."""
+    reference("tokenizers")
+    from tokenizers import Tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(config))
+    return bpe.Tokenizer.from_hf(path), Tokenizer.from_file(str(path))
+
+
+def test_from_hf_added_token_options_like_tokenizers(hf, tmp_path):
+    config = hf_config(hf["qwen2"][1])
+    added = [
+        {"content": "<m>", "lstrip": True, "rstrip": True, "single_word": False, "normalized": False, "special": False},
+        {"content": "qq", "lstrip": False, "rstrip": False, "single_word": True, "normalized": False, "special": False},
+        {"content": "e\u0301x", "lstrip": False, "rstrip": False, "single_word": False, "normalized": True, "special": False},
+        {"content": "o\u0308y", "lstrip": False, "rstrip": False, "single_word": False, "normalized": False, "special": True},
+        # decoded as tokenizers' ByteLevel decoder reads it: é is the byte-level character of byte 0xE9
+        {"content": "\u00e9t\u00e9", "lstrip": False, "rstrip": False, "single_word": False, "normalized": False, "special": False},
+    ]
+    config["added_tokens"] += [{"id": 2000 + i, **token} for i, token in enumerate(added)]  # tokenizers renumbers them
+    ours, theirs = rebuilt(config, tmp_path)
+    for text in ["a  <m>  b\t<m>c<m><m> ", "qq aqq qqa _qq 9qq \u00e9qq qq\u0301 \u00b7qq \u200dqq -qq qqqq aqq qq",
+                 "e\u0301x \u00e9x ex o\u0308y \u00f6y", "<m>qq<|im_start|><m>", "un \u00e9t\u00e9 chaud"]:
+        ids = hf_ids(theirs, text)
+        assert ours.encode(text, allowed_special="all") == ids, text
+        assert ours.encode_ordinary(text) == hf_ids(theirs, text, specials=False), text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
+
+
+def test_from_hf_unknown_characters_like_tokenizers(hf, tmp_path):
+    """A vocabulary without some bytes' characters: tokenizers drops them, writes unk (one per character,
+    or one per run with fuse_unk), or their <0xNN> tokens with byte_fallback."""
+    config = hf_config(hf["gpt2"][1])
+    vocab = config["model"]["vocab"]
+    for c in "xyzé":
+        for char in c.encode().decode("latin-1").translate(dict(enumerate(bpe.BYTE_LEVEL_ALPHABET))):
+            del vocab[char]
+    config["model"]["merges"] = [m for m in config["model"]["merges"] if all(t in vocab for t in m) and m[0] + m[1] in vocab]
+    vocab |= {"<unk>": 3000, "<0x78>": 3001, "<0xC3>": 3002, "<0xA9>": 3003}
+    text = "fix xyz yy zz é tax"
+    for unk, fuse, fallback in [(None, False, False), ("<unk>", False, False), ("<unk>", True, False), ("<unk>", True, True)]:
+        config["model"] |= {"unk_token": unk, "fuse_unk": fuse, "byte_fallback": fallback}
+        ours, theirs = rebuilt(config, tmp_path)
+        assert ours.encode_ordinary(text) == hf_ids(theirs, text), (unk, fuse, fallback)
+
+
+def test_from_hf_prefix_space_like_tokenizers(hf, tmp_path):
+    for layout in ["gpt2", "llama3"]:
+        config = hf_config(hf[layout][1])
+        steps = config["pre_tokenizer"].get("pretokenizers", [config["pre_tokenizer"]])
+        steps[-1]["add_prefix_space"] = True
+        ours, theirs = rebuilt(config, tmp_path)
+        for text in ["", "Hello", " Hello world", "<|begin_of_text|>Hi<|eot_id|> there\n", "  x"]:
+            assert ours.encode(text, allowed_special="all") == hf_ids(theirs, text), (layout, text)
+
+
+def test_byte_level_alphabet_is_tokenizers_and_gpt2s():
+    reference("tokenizers")
+    from tokenizers import pre_tokenizers
+
+    bytes_to_unicode = reference("transformers.convert_slow_tokenizer").bytes_to_unicode
+    assert set(bpe.BYTE_LEVEL_ALPHABET) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert bpe.BYTE_LEVEL_ALPHABET == "".join(bytes_to_unicode()[b] for b in range(256))
+
+
+def test_from_hf_refuses_what_it_cannot_represent(hf, tmp_path):
+    gpt2 = hf_config(hf["gpt2"][1])
+    path = tmp_path / "tokenizer.json"
+    refused = {
+        "Unigram": {"model": {"type": "Unigram", "vocab": [["a", 0.0]]}},
+        "WordPiece": {"model": {"type": "WordPiece", "vocab": {"a": 0}}},
+        "Metaspace": gpt2 | {"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}},
+        "does not end with its one ByteLevel": gpt2 | {"pre_tokenizer": None},
+        "NFKC": gpt2 | {"normalizer": {"type": "NFKC"}},
+        "Lowercase": gpt2 | {"normalizer": {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}},
+        "behavior Removed": gpt2 | {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Removed", "invert": False}, gpt2["pre_tokenizer"]]}},
+        "Whitespace": gpt2 | {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Whitespace"}, gpt2["pre_tokenizer"]]}},
+        "decoder is Metaspace": gpt2 | {"decoder": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}},
+        "dropout": gpt2 | {"model": gpt2["model"] | {"dropout": 0.1}},
+        "prefix or suffix": gpt2 | {"model": gpt2["model"] | {"continuing_subword_prefix": "##"}},
+        "merge 0": gpt2 | {"model": gpt2["model"] | {"merges": [["Ġ", "nonexistent"]]}},
+        "unk_token": gpt2 | {"model": gpt2["model"] | {"unk_token": "<unk>"}},
+        "read it with Tokenizer.load": {"pattern": bpe.CL100K_PATTERN, "special_tokens": {}},
+    }
+    for message, config in refused.items():
+        path.write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            bpe.Tokenizer.from_hf(path)
+    with pytest.raises(FileNotFoundError, match="no .*missing"):
+        bpe.Tokenizer.from_hf(tmp_path / "missing")
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="is not JSON"):
+        bpe.Tokenizer.from_hf(path)
