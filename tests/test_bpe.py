@@ -537,24 +537,24 @@ def utf8(text):
     return True
 
 
-def hf_ids(reference, text, specials=True):
+def hf_ids(theirs, text, specials=True):
     """tokenizers' ids of text, with special tokens found (specials) or read as text, and no post-processing."""
-    reference.encode_special_tokens = not specials
+    theirs.encode_special_tokens = not specials
     try:
-        return reference.encode(text, add_special_tokens=False).ids
+        return theirs.encode(text, add_special_tokens=False).ids
     finally:
-        reference.encode_special_tokens = False
+        theirs.encode_special_tokens = False
 
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """layout -> (from_hf of the saved tokenizer.json, the tokenizers.Tokenizer that saved it)."""
     pairs = {}
-    for layout in ["gpt2", "llama3", "qwen2", "smollm2"]:
-        reference = hf_reference(layout)
+    for layout in HF_LAYOUTS:
+        theirs = hf_reference(layout)
         folder = tmp_path_factory.mktemp(layout)
-        reference.save(str(folder / "tokenizer.json"))
-        pairs[layout] = bpe.Tokenizer.from_hf(folder), reference
+        theirs.save(str(folder / "tokenizer.json"))
+        pairs[layout] = bpe.Tokenizer.from_hf(folder), theirs
     return pairs
 
 
@@ -684,8 +684,8 @@ def test_from_hf_of_tiktoken_ranks_equals_tiktoken(trained, tmp_path):
         assert ours.encode(text, allowed_special="all") == ids == hf_ids(converted, text)
 
 
-def hf_config(reference):
-    return json.loads(reference.to_str())
+def hf_config(theirs):
+    return json.loads(theirs.to_str())
 
 
 def rebuilt(config, tmp_path):
