@@ -233,3 +233,28 @@ def test_a_vocabulary_size_that_bpe_cannot_train_is_a_data_error(tmp_path):
     (tmp_path / "c.txt").write_text(TEXT)
     with pytest.raises(data.DataError, match="at least 256"):
         data.CausalLM(str(tmp_path / "c.txt"), vocab_size=100)
+
+
+# Today's built-in corpus, pinned before the streaming pipeline was written: the default run must keep
+# its token ids, split and first batch. pydoc_data.topics changes between Python releases, so the pins
+# hold for the corpus whose sha256 they were taken on.
+BUILT_IN = {"corpus_sha256": "71f2ff5d99bdc1f9c48c5c2353ad138201c5ca1c377e0226857ef8fa89b8bcee",
+            "tokenizer": "22d6b6e1a0579bb9-2048-f021c3d9", "train_tokens": 114653, "val_tokens": 13272,
+            "train_sha256": "dbe37dd5451fd44d", "val_sha256": "505f8e5ab171ebbb", "first_batch_sha256": "ad591c7e6677c3dc",
+            "first_batch_starts": [1440, 459, 51, 617, 631, 266, 32, 311]}
+
+
+def test_the_built_in_corpus_gives_the_pinned_tokens_split_and_first_batch():
+    import hashlib
+
+    pipe = data.CausalLM(None, vocab_size=2048)
+    if pipe.fingerprint["corpus_sha256"] != BUILT_IN["corpus_sha256"]:
+        pytest.skip("this Python's pydoc_data.topics is not the one the pins were taken on")
+    digest = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+    assert pipe.fingerprint["tokenizer"] == BUILT_IN["tokenizer"] and pipe.tokenizer.n_vocab == 2048
+    assert (len(pipe.train_tokens), len(pipe.val_tokens)) == (BUILT_IN["train_tokens"], BUILT_IN["val_tokens"])
+    assert digest(pipe.train_tokens[np.arange(len(pipe.train_tokens))]) == BUILT_IN["train_sha256"]
+    assert digest(pipe.val_tokens[np.arange(len(pipe.val_tokens))]) == BUILT_IN["val_sha256"]
+    batch = next(iter(pipe.stream(types.SimpleNamespace(max_seq_len=128), 8, seed=0)))
+    assert digest(batch["idx"].numpy()) == BUILT_IN["first_batch_sha256"]
+    assert batch["idx"][:, 0].tolist() == BUILT_IN["first_batch_starts"]
