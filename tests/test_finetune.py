@@ -159,3 +159,47 @@ def test_resuming_from_another_init_is_refused(env, capsys):
     assert train.main(["--init", str(other), "--data", str(env / "corpus.txt"), "--out", str(out), *COMMON,
                        "--max-steps", "80", "--lr", "1e-2", "--eval-every", "20", "--log-every", "1"]) == 2
     assert "init" in capsys.readouterr().err
+
+
+def test_a_qwen2_folder_with_a_tokenizer_json_fine_tunes(env, capsys):
+    """A Qwen2 checkpoint (query, key and value biases) whose tokenizer.json the tokenizers library
+    trained: before training, our loss on the first validation window, tokenized through the folder,
+    equals transformers' on the ids transformers' own tokenizer gives; sample.py reads the copied
+    tokenizer.json from the run's folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = env / "qwen2"
+    folder.mkdir(exist_ok=True)
+    text = (env / "corpus.txt").read_text()
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    torch.manual_seed(1)
+    config = transformers.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=True)
+    reference_model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in reference_model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)  # fresh biases are zeros, which could not show a missing one
+    reference_model.save_pretrained(folder)
+    out = env / "qwen2-run"
+    assert train.main(["--init", str(folder), "--data", str(env / "corpus.txt"), "--out", str(out), *COMMON,
+                       "--max-steps", "1", "--lr", "1e-30", "--warmup-steps", "0"]) == 0
+    assert (out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    ids = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))(
+        text[int(len(text) * 0.9):])["input_ids"][:33]
+    model, tokenizer_ours, _ = sample.load_trained(out)
+    assert tokenizer_ours.encode_ordinary(text[int(len(text) * 0.9):])[:33] == ids
+    with torch.no_grad():
+        theirs = reference_model(torch.tensor([ids]), labels=torch.tensor([ids])).loss
+        _, ours = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert sample.main([str(out), "--prompt", "The", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("The")
