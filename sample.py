@@ -21,7 +21,6 @@ Text appears as it is generated; the number of tokens per second goes to stderr 
 """
 
 import argparse
-import ast
 import codecs
 import inspect
 import json
@@ -44,38 +43,19 @@ class CliError(Exception):
     """Bad input, said in one sentence; main() prints it and returns 2."""
 
 
-def model_for_architecture(architecture):
-    """The model file whose HF_ARCHITECTURES names architecture, read without importing every file."""
-    for name in train.model_choices():
-        for node in ast.parse((train.ROOT / f"{name}.py").read_text()).body:
-            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "HF_ARCHITECTURES" for t in node.targets):
-                if architecture in ast.literal_eval(node.value):
-                    return train.import_model(name)
-    raise CliError(f"no model file loads the architecture {architecture}")
-
-
 def load_trained(folder):
     """(model, tokenizer, eos_ids) from a folder that train.py wrote: no eos ids, since its text has no end token."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model, safe_open
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CliError(f"{folder} holds no config.json; pass a folder written by train.py, or --hf for a Hugging Face one")
+    saved = train.read_folder_config(folder)
+    if not isinstance(saved.get("model"), str) or not isinstance(saved.get("config"), dict):
+        raise CliError(f"{folder} was not written by train.py; pass --hf {folder} for a Hugging Face folder")
+    model = train.load_folder(folder, train.import_model(saved["model"]))
     try:
-        saved = json.loads((folder / "config.json").read_text())
-        module = train.import_model(saved["model"])
-        model = module.Model(module.Config(**saved["config"]))
-        with safe_open(folder / "model.safetensors", "pt") as f:
-            metadata = f.metadata()
-        load_model(model, folder / "model.safetensors")
-        train.check_weights(model, folder / "model.safetensors", metadata)
         tokenizer = data.load_tokenizer(folder)
-    except train.CliError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError, RuntimeError) as e:
-        raise CliError(f"cannot load the model in {folder} ({type(e).__name__}: {train.in_one_line(e)}); it may be "
-                       "corrupt, incomplete or written by another version of its model file") from None
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot load the tokenizer in {folder} ({train.in_one_line(e)})") from None
     return model, tokenizer, frozenset()
 
 
@@ -84,7 +64,7 @@ def load_hf(folder):
     folder = Path(folder)
     config = read_json(folder / "config.json", "pass a Hugging Face checkpoint folder")
     architectures = config.get("architectures") or ["?"]
-    module = model_for_architecture(architectures[0])
+    module = train.import_model(train.model_for_architecture(architectures[0]))
     try:
         tokenizer = data.load_tokenizer(folder)
         model = module.Model.from_pretrained(folder)
