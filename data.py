@@ -25,16 +25,22 @@ Where things are cached ($LLMS_FROM_SCRATCH_CACHE, else $XDG_CACHE_HOME/llms-fro
     downloads/<sha256 of the URL>.txt
     tokenizers/<sha256 of training text, vocabulary size, split pattern>/tokenizer.{tiktoken,json}
     tokens/<tokenizer key>-<sha256 of the split's text>.<uint16|uint32>
+    shards/<tokenizer key>-<sha256 of the documents>-<shard size>/{train,val}-NNNNNN.<uint16|uint32>, manifest.json
 """
 
 import glob
 import hashlib
 import inspect
+import json
 import math
+import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
+import unicodedata
 import urllib.request
 from pathlib import Path
 
@@ -83,6 +89,17 @@ def atomic_write(path, write):
 
 # ---------------------------------------------------------------------------------------------- text
 
+# A corpus of .txt files up to this size is read whole, split by characters and encoded in one piece,
+# as the built-in corpus is: quick, and the default run's numbers stay what they were. A larger one,
+# any .jsonl, .parquet or dataset source, and any corpus that is cleaned, is read as a stream of
+# documents and encoded by worker processes into token shards (see prepare_shards).
+SMALL_CORPUS_BYTES = 16 * 2**20
+DOCUMENT_CHARS = 2**20  # a large .txt file becomes documents of about this many characters
+TOKENIZER_SAMPLE_BYTES = 32 * 2**20  # the tokenizer of a streamed corpus learns from about this much text
+SHARD_TOKENS = 2**24  # tokens per shard file (32 MiB of uint16), the last one shorter
+ENDOFTEXT = "<|endoftext|>"  # the token that ends every document of a streamed corpus
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
 
 def default_corpus():
     """The built-in corpus: the Python documentation's topics that ship with the standard library."""
@@ -105,40 +122,59 @@ def download(url):
     return path
 
 
+def is_saved_dataset(path):
+    """Whether path is a folder that Hugging Face datasets' save_to_disk wrote (one split or several)."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
 def corpus_files(source):
-    """The files that make up a --data argument: a file, a directory of .txt files, a glob or a URL."""
+    """The files that make up a --data argument: a file, a directory of .txt, .jsonl and .parquet
+    files, a glob or a URL (a Hugging Face dataset, a folder or a name, is no list of files; see documents)."""
     if source.startswith(("http://", "https://")):
         return [download(source)]
     path = Path(source).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
         if not files and next(path.rglob("metadata.jsonl"), None):
             raise DataError(f"{source} is an image folder (it holds metadata.jsonl); a text model trains on .txt files, "
                             "an image model (such as siglip) on this folder")
         if not files:
-            raise DataError(f"the directory {source} holds no .txt files; pass a text file, a folder of .txt files or a glob")
+            raise DataError(f"the directory {source} holds no .txt, .jsonl or .parquet files; pass a text file, "
+                            "a folder of them or a glob")
         return files
     files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(p))
     if not files:
-        raise DataError(f"no file matches --data {source}; pass a text file, a folder of .txt files, a glob or a URL")
+        raise DataError(f"no file matches --data {source}; pass a text file, a folder of .txt, .jsonl or .parquet "
+                        "files, a glob, a URL, a saved Hugging Face dataset folder or hf:NAME")
     return files
+
+
+def decode_file(path):
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        warn(f"{path} is not valid UTF-8 (byte {e.start}); undecodable bytes were replaced with U+FFFD")
+        return raw.decode("utf-8", errors="replace")
+
+
+def is_small_corpus(source):
+    """Whether source is read whole (the built-in corpus, or .txt files of SMALL_CORPUS_BYTES at most)."""
+    if source is None:
+        return True
+    if source.startswith("hf:") or is_saved_dataset(Path(source).expanduser()):
+        return False
+    files = corpus_files(source)
+    return all(p.suffix not in (".jsonl", ".parquet") for p in files) and sum(p.stat().st_size for p in files) <= SMALL_CORPUS_BYTES
 
 
 def read_text(source=None):
     """The corpus as one string: the built-in one for None, else the files of source, joined."""
     if source is None:
         return default_corpus()
-    texts = []
-    for path in corpus_files(source):
-        raw = path.read_bytes()
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            warn(f"{path} is not valid UTF-8 (byte {e.start}); undecodable bytes were replaced with U+FFFD")
-            texts.append(raw.decode("utf-8", errors="replace"))
-    text = "\n\n".join(texts)
+    text = "\n\n".join(decode_file(path) for path in corpus_files(source))
     if not text.strip():
         raise DataError(f"--data {source} is empty; pass a file with text in it")
     return text
@@ -150,21 +186,199 @@ def split_text(text, val_fraction=0.1):
     return text[:cut], text[cut:]
 
 
+def text_documents(path):
+    """A .txt file as documents of about DOCUMENT_CHARS, each cut at the last blank line (else line
+    break) before that size, so that a paragraph is rarely cut in two."""
+    text = decode_file(path)
+    start = 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= DOCUMENT_CHARS else start + DOCUMENT_CHARS
+        if end < len(text):
+            cut = text.rfind("\n\n", start + 1, end)
+            cut = cut if cut > start else text.rfind("\n", start + 1, end)
+            end = cut + 1 if cut > start else end
+        yield text[start:end]
+        start = end
+
+
+def jsonl_documents(path, text_field):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{path} line {number} is not JSON; each line must be an object with a "
+                                f"{text_field!r} field") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise DataError(f"{path} line {number} has no {text_field!r} field holding text; "
+                                "name the field with --text-field") from None
+            yield record[text_field]
+
+
+def arrow_documents(batches, text_field, where):
+    """The text_field column of an iterable of pyarrow record batches, without None."""
+    for batch in batches:
+        if text_field not in batch.schema.names:
+            raise DataError(f"{where} has no {text_field!r} column (it has {', '.join(batch.schema.names)}); "
+                            "name the column with --text-field")
+        yield from (text for text in batch.column(text_field).to_pylist() if text is not None)
+
+
+def parquet_documents(path, text_field):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow; install it with pip install pyarrow") from None
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+    except Exception as e:  # pyarrow raises several error types for files that are not parquet
+        raise DataError(f"cannot read the parquet file {path} ({in_one_line(e)})") from None
+    if text_field not in names:
+        raise DataError(f"{path} has no {text_field!r} column (it has {', '.join(names)}); name the column with --text-field")
+    yield from arrow_documents(parquet.iter_batches(batch_size=1024, columns=[text_field]), text_field, path)
+
+
+def saved_dataset_documents(path, text_field):
+    """A folder of Hugging Face datasets' save_to_disk, read with pyarrow (its files are Arrow
+    streams, listed in state.json); of a DatasetDict, the train split."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow; install it with pip install pyarrow") from None
+    if (path / "dataset_dict.json").is_file():
+        if not (path / "train" / "state.json").is_file():
+            raise DataError(f"the dataset folder {path} has no train split")
+        path = path / "train"
+    try:
+        files = [path / f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"cannot read {path / 'state.json'} ({in_one_line(e)}); is it a save_to_disk folder?") from None
+    for file in files:
+        try:
+            with pa.memory_map(str(file)) as source:
+                yield from arrow_documents(pa.ipc.open_stream(source), text_field, path)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"cannot read the dataset file {file} ({in_one_line(e)})") from None
+
+
+def hub_dataset_documents(name, text_field):
+    """hf:NAME: a dataset of the Hugging Face hub, streamed by the datasets package (its train split)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--data hf:{name} needs the datasets package; install it with pip install datasets") from None
+    try:
+        stream = datasets.load_dataset(name, split="train", streaming=True)
+        for record in stream:
+            if not isinstance(record.get(text_field), str):
+                raise DataError(f"the dataset {name} has no {text_field!r} column holding text; name it with --text-field")
+            yield record[text_field]
+    except DataError:
+        raise
+    except Exception as e:  # network, missing dataset, bad config: said by datasets in many error types
+        raise DataError(f"could not read the dataset {name} ({in_one_line(e)})") from None
+
+
+def in_one_line(error, limit=160):
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def documents(source, text_field="text"):
+    """The documents of source in a fixed order: each .jsonl line, parquet or dataset row, and each
+    piece of a .txt file (text_documents)."""
+    if source.startswith("hf:"):
+        yield from hub_dataset_documents(source[3:], text_field)
+        return
+    path = Path(source).expanduser()
+    if is_saved_dataset(path):
+        yield from saved_dataset_documents(path, text_field)
+        return
+    for file in corpus_files(source):
+        if file.suffix == ".jsonl":
+            yield from jsonl_documents(file, text_field)
+        elif file.suffix == ".parquet":
+            yield from parquet_documents(file, text_field)
+        else:
+            yield from text_documents(file)
+
+
+# Control characters other than whitespace: the C0 and C1 codes, DEL, less what str.isspace keeps.
+CONTROL_CHARACTERS = re.compile("[" + "".join(re.escape(chr(c)) for c in [*range(32), *range(127, 160)]
+                                                if not chr(c).isspace()) + "]")
+
+
+class Cleaner:
+    """--clean: each document in NFC, without control characters other than whitespace, and each
+    exact duplicate of an earlier document (after those two steps) dropped; counts what it did."""
+
+    def __init__(self):
+        self.seen = set()  # 8-byte digests of the documents kept so far
+        self.normalized = self.controls = self.duplicates = self.duplicate_bytes = 0
+
+    def __call__(self, text):
+        """The cleaned document, or None to drop it."""
+        if not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+            self.normalized += 1
+        text, removed = CONTROL_CHARACTERS.subn("", text)
+        self.controls += removed
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        if digest in self.seen:
+            self.duplicates += 1
+            self.duplicate_bytes += len(text.encode("utf-8", "surrogatepass"))
+            return None
+        self.seen.add(digest)
+        return text
+
+    def report(self):
+        return (f"cleaning normalized {self.normalized:,} documents to NFC, removed {self.controls:,} control "
+                f"characters and dropped {self.duplicates:,} duplicate documents ({self.duplicate_bytes / 1e6:,.1f} MB)")
+
+
+def corpus_documents(source, text_field="text", clean=False):
+    """(documents, cleaner): the non-empty documents of source, cleaned if asked; the cleaner (None
+    without clean) counts what cleaning removed once the documents have been read."""
+    cleaner = Cleaner() if clean else None
+
+    def stream():
+        for text in documents(source, text_field):
+            if cleaner is not None:
+                text = cleaner(text)
+            if text and not text.isspace():
+                yield text
+
+    return stream(), cleaner
+
+
+def is_validation(index, val_fraction):
+    """Whether document index is held out: one in every 1 / val_fraction, spread evenly over the corpus,
+    so the split depends on nothing but the documents' order."""
+    return int((index + 1) * val_fraction) > int(index * val_fraction)
+
+
 # ------------------------------------------------------------------------------------------ tokens
 
 
-def train_tokenizer(text, vocab_size, pattern=None, special_tokens=()):
-    """A BPE tokenizer trained on text, or the cached one trained on the same text before."""
+def train_tokenizer(text, vocab_size, pattern=None, special_tokens=(), content_key=None):
+    """A BPE tokenizer trained on text, or the cached one trained on the same text before.
+
+    text is a string, keyed by its sha256, or an iterable of documents that content_key names; the
+    documents are read only when no tokenizer is cached under that key."""
     import bpe
 
     pattern = pattern or bpe.CL100K_PATTERN
-    key = f"{sha256(text)[:16]}-{vocab_size}-{sha256(pattern)[:8]}"
+    key = f"{content_key or sha256(text)[:16]}-{vocab_size}-{sha256(pattern)[:8]}"
     if special_tokens:
         key += f"-{sha256(chr(0).join(special_tokens))[:8]}"
     path = cache_dir() / "tokenizers" / key
     if (path / "tokenizer.json").exists():
         return bpe.Tokenizer.load(path), key
-    print(f"training a {vocab_size}-token BPE tokenizer on {len(text):,} characters; cached in {path}", file=sys.stderr)
+    what = f"{len(text):,} characters" if isinstance(text, str) else "a sample of the training documents"
+    print(f"training a {vocab_size}-token BPE tokenizer on {what}; cached in {path}", file=sys.stderr)
     try:
         tokenizer = bpe.train(text, vocab_size, pattern=pattern, special_tokens=list(special_tokens) or None)
     except ValueError as e:  # a vocabulary size bpe.py cannot train, said in its own words
@@ -199,10 +413,14 @@ def load_tokenizer(directory):
                     "train.py wrote it) nor Llama 3's tokenizer.model")
 
 
+def token_dtype(tokenizer):
+    return np.dtype(np.uint16 if tokenizer.n_vocab <= 2**16 else np.uint32)
+
+
 def token_file(tokenizer, tokenizer_key, text):
     """text's tokens in a cached file of uint16 (or uint32 for vocabularies past 65,536), memory-mapped."""
-    dtype = np.uint16 if tokenizer.n_vocab <= 2**16 else np.uint32
-    path = cache_dir() / "tokens" / f"{tokenizer_key}-{sha256(text)[:16]}.{np.dtype(dtype).name}"
+    dtype = token_dtype(tokenizer)
+    path = cache_dir() / "tokens" / f"{tokenizer_key}-{sha256(text)[:16]}.{dtype.name}"
     if not path.exists():
         ids = np.asarray(tokenizer.encode_ordinary(text), dtype=dtype)
         atomic_write(path, lambda tmp: ids.tofile(tmp))
@@ -211,25 +429,240 @@ def token_file(tokenizer, tokenizer_key, text):
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def separator_id(tokenizer):
+    """The id of the token that ends each document: <|endoftext|>, or Llama 3's <|end_of_text|>."""
+    for name in (ENDOFTEXT, "<|end_of_text|>"):
+        if name in tokenizer.special_tokens:
+            return tokenizer.special_tokens[name]
+    raise DataError(f"the tokenizer has no {ENDOFTEXT} or <|end_of_text|> token to end each document of a streamed corpus")
+
+
+class TokenShards:
+    """Token ids kept in files of equal length (the last may be shorter), indexed as one array.
+
+    Pickles as its paths, so that DataLoader workers each map the files themselves."""
+
+    def __init__(self, paths, dtype):
+        self.paths, self.dtype = [str(p) for p in paths], np.dtype(dtype)
+        self.sizes = [os.path.getsize(p) // self.dtype.itemsize for p in self.paths]
+        self.shard_tokens = max(self.sizes[0], 1) if self.sizes else 1
+        self._maps = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": None}
+
+    def __len__(self):
+        return sum(self.sizes)
+
+    def __getitem__(self, index):
+        """The ids at index (an array of positions, any shape, or a slice) as a new array."""
+        if self._maps is None:
+            self._maps = [np.memmap(p, dtype=self.dtype, mode="r") if n else None for p, n in zip(self.paths, self.sizes)]
+        index = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
+        out = np.empty(index.shape, dtype=self.dtype)
+        shard, position = np.divmod(index, self.shard_tokens)
+        for k in np.unique(shard):
+            here = shard == k
+            out[here] = self._maps[k][position[here]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:].astype(dtype or self.dtype)
+
+
+class ShardWriter:
+    """Appends documents' ids to one split and writes each full shard atomically. position() is where
+    the first id not yet in a written shard comes from, (document index, offset in its ids), which is
+    what an interrupted preparation resumes from."""
+
+    def __init__(self, folder, split, dtype, shard_tokens, shards=0, document=0, offset=0):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards, self.start = shards, (document, offset)
+        self.buffer = np.empty(shard_tokens, dtype=dtype)
+        self.filled = 0
+        self.tokens = shards * shard_tokens
+
+    def path(self, k):
+        return self.folder / f"{self.split}-{k:06d}.{self.dtype.name}"
+
+    def add(self, document, ids, on_shard):
+        """Append document's ids, skipping what written shards hold; on_shard() after each shard write."""
+        if document < self.start[0]:
+            return
+        offset = self.start[1] if document == self.start[0] else 0
+        while offset < len(ids):
+            if self.filled == 0:
+                self.start = (document, offset)
+            n = min(len(ids) - offset, self.shard_tokens - self.filled)
+            self.buffer[self.filled : self.filled + n] = ids[offset : offset + n]
+            self.filled, offset, self.tokens = self.filled + n, offset + n, self.tokens + n
+            if self.filled == self.shard_tokens:
+                self.flush()
+                self.start = (document, offset)
+                on_shard()
+        if self.filled == 0:
+            self.start = (document + 1, 0)
+
+    def flush(self):
+        if self.filled:
+            ids = self.buffer[: self.filled]
+            atomic_write(self.path(self.shards), lambda tmp: ids.tofile(tmp))
+            self.shards, self.filled = self.shards + 1, 0
+
+    def state(self):
+        return {"shards": self.shards, "document": self.start[0], "offset": self.start[1]}
+
+
+_worker_tokenizer = None
+
+
+def _start_encoder(tokenizer, separator):
+    global _worker_tokenizer
+    _worker_tokenizer = (tokenizer, separator)
+
+
+def _encode_documents(task):
+    """(first index, [ids of each document followed by the separator], UTF-8 bytes) for a worker's task."""
+    first, texts = task
+    tokenizer, separator = _worker_tokenizer
+    dtype = token_dtype(tokenizer)
+    n_bytes = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    return first, [np.asarray(tokenizer.encode_ordinary(text) + [separator], dtype=dtype) for text in texts], n_bytes
+
+
+def tasks(docs, first=0, task_chars=2**20):
+    """Documents in batches of about task_chars characters, each with the index of its first document;
+    documents before first are read and skipped."""
+    batch, chars, start = [], 0, first
+    for index, text in enumerate(docs):
+        if index < first:
+            continue
+        batch.append(text)
+        chars += len(text)
+        if chars >= task_chars:
+            yield start, batch
+            start, batch, chars = index + 1, [], 0
+    if batch:
+        yield start, batch
+
+
+class Progress:
+    """Documents, MB and tokens per second and the time left, on one line of stderr, every few seconds."""
+
+    def __init__(self, total_bytes, every=2.0):
+        self.total, self.every = total_bytes, every
+        self.docs = self.bytes = self.tokens = 0
+        self.start = self.last = time.time()
+        self.tty = sys.stderr.isatty()
+        self.line_start = "\r" if self.tty else ""  # a terminal redraws one line; a log gets a line each time
+
+    def update(self, docs, n_bytes, tokens, final=False):
+        self.docs, self.bytes, self.tokens = self.docs + docs, self.bytes + n_bytes, self.tokens + tokens
+        now = time.time()
+        if not final and now - self.last < (self.every if self.tty else 5 * self.every):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.bytes / elapsed
+        left = (self.total - self.bytes) / rate if rate else 0.0
+        print(f"{self.line_start}encoding: {self.docs:,} documents, {self.bytes / 1e6:,.1f} of {self.total / 1e6:,.1f} MB, "
+              f"{self.docs / elapsed:,.0f} documents/s, {rate / 1e6:.1f} MB/s, {self.tokens / elapsed / 1e6:.2f}M tokens/s, "
+              f"{left:.0f} s left", end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
+
+
+def survey(source, text_field, clean, val_fraction):
+    """One pass over the documents: their number and bytes, the training bytes, a sha256 of their
+    content (each document's length and bytes, in order) and the cleaner's counts."""
+    docs, cleaner = corpus_documents(source, text_field, clean)
+    h = hashlib.sha256(f"{val_fraction}".encode())
+    count = n_bytes = train_bytes = 0
+    for text in docs:
+        raw = text.encode("utf-8", "surrogatepass")
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+        if not is_validation(count, val_fraction):
+            train_bytes += len(raw)
+        count, n_bytes = count + 1, n_bytes + len(raw)
+    return {"documents": count, "bytes": n_bytes, "train_bytes": train_bytes, "sha256": h.hexdigest(), "cleaner": cleaner}
+
+
+def tokenizer_sample(source, text_field, clean, val_fraction, stride):
+    """Every stride-th training document, so that the sample spreads over the whole corpus."""
+    docs, _ = corpus_documents(source, text_field, clean)
+    n_train = 0
+    for index, text in enumerate(docs):
+        if not is_validation(index, val_fraction):
+            if n_train % stride == 0:
+                yield text
+            n_train += 1
+
+
+def prepare_shards(source, tokenizer, tokenizer_key, corpus, text_field="text", clean=False, val_fraction=0.1,
+                   workers=None, shard_tokens=None):
+    """The corpus's token shards, {"train": TokenShards, "val": TokenShards}, made once and cached.
+
+    Worker processes encode batches of documents; this process hands them out in order and appends
+    each document's ids, then the separator, to the shards of its split. After each shard it writes
+    progress.json, so that an interrupted preparation resumes at the shard it was writing."""
+    shard_tokens = shard_tokens or SHARD_TOKENS
+    dtype = token_dtype(tokenizer)
+    folder = cache_dir() / "shards" / f"{tokenizer_key}-{corpus['sha256'][:16]}-{shard_tokens}"
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        progress_path = folder / "progress.json"
+        saved = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+        writers = {split: ShardWriter(folder, split, dtype, shard_tokens, **saved.get(split, {})) for split in ("train", "val")}
+        first = min(w.start[0] for w in writers.values())
+        if saved:
+            print(f"resuming the preparation of {folder} at document {first:,}", file=sys.stderr)
+
+        def save_progress():
+            state = json.dumps({split: w.state() for split, w in writers.items()})
+            atomic_write(progress_path, lambda tmp: Path(tmp).write_text(state))
+
+        separator = separator_id(tokenizer)
+        docs, _ = corpus_documents(source, text_field, clean)
+        workers = workers or os.cpu_count() or 1
+        progress = Progress(corpus["bytes"])
+        # A forked worker starts at once with the tokenizer in hand; a spawned one (where fork is
+        # missing) first re-imports the main script, torch and all.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with multiprocessing.get_context(method).Pool(workers, _start_encoder, (tokenizer, separator)) as pool:
+            for index, encoded, n_bytes in pool.imap(_encode_documents, tasks(docs, first)):
+                for i, ids in enumerate(encoded, start=index):
+                    writers["val" if is_validation(i, val_fraction) else "train"].add(i, ids, save_progress)
+                progress.update(len(encoded), n_bytes, sum(map(len, encoded)))
+            progress.update(0, 0, 0, final=True)
+        for writer in writers.values():
+            writer.flush()
+        counts = {split: {"shards": w.shards, "tokens": w.tokens} for split, w in writers.items()}
+        atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(counts)))
+        progress_path.unlink(missing_ok=True)
+    counts = json.loads(manifest.read_text())
+    return {split: TokenShards([folder / f"{split}-{k:06d}.{dtype.name}" for k in range(counts[split]["shards"])], dtype)
+            for split in ("train", "val")}
+
+
 # ---------------------------------------------------------------------------------------- batches
 
 
 class WindowStream(IterableDataset):
     """Endless batches of windows of seq_len + 1 tokens, in an order that depends only on (seed, step).
 
-    Each epoch cuts the token file into windows at a random offset and shuffles them. A step takes
+    tokens is a TokenShards: the windows run across shard boundaries as if the shards were one file.
+    Each epoch cuts the tokens into windows at a random offset and shuffles them. A step takes
     world_size * grad_accum * batch_size windows in that order; micro-batch m of rank r gets the
     slice ((m * world_size) + r) * batch_size, so 2 ranks with batch B see what 1 rank with batch 2B
     sees. Item i of the stream is (step, micro) = divmod(i, grad_accum); DataLoader worker w of n
     makes items w, w + n, ... and the DataLoader hands them out in turn, so the order is kept.
     """
 
-    def __init__(self, path, dtype, seq_len, batch_size, seed=0, start_step=0, rank=0, world_size=1, grad_accum=1):
+    def __init__(self, tokens, seq_len, batch_size, seed=0, start_step=0, rank=0, world_size=1, grad_accum=1):
         super().__init__()
-        self.path, self.dtype, self.seq_len = path, dtype, seq_len
+        self.tokens, self.seq_len = tokens, seq_len
         self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
-        n_tokens = os.path.getsize(path) // np.dtype(dtype).itemsize
+        n_tokens = len(tokens)
         # Keep seq_len - 1 tokens of slack so that every epoch's random offset fits.
         self.n_windows = (n_tokens - 1 - (seq_len - 1)) // seq_len
         if self.n_windows < 1:
@@ -260,12 +693,11 @@ class WindowStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
         span = np.arange(self.seq_len + 1)
         item = self.start_step * self.grad_accum + worker
         while True:
             step, micro = divmod(item, self.grad_accum)
-            windows = torch.from_numpy(tokens[self.starts(step, micro)[:, None] + span].astype(np.int64))
+            windows = torch.from_numpy(self.tokens[self.starts(step, micro)[:, None] + span].astype(np.int64))
             yield {"idx": windows[:, :-1], "targets": windows[:, 1:]}
             item += n_workers
 
@@ -276,23 +708,62 @@ class WindowStream(IterableDataset):
 class CausalLM:
     """Next-token prediction on text: BPE tokens, windows of the training split, bits per byte."""
 
-    def __init__(self, source=None, vocab_size=2048, pattern=None, val_fraction=0.1, tokenizer=None):
+    def __init__(self, source=None, vocab_size=2048, pattern=None, val_fraction=0.1, tokenizer=None,
+                 text_field="text", clean=False, workers=None):
         """tokenizer: None to train one on the training split, or (tokenizer, key, files) to use that
-        one, a pretrained model's: key names its token files in the cache, files are copied by save()."""
+        one, a pretrained model's: key names its token files in the cache, files are copied by save().
+
+        A small corpus of .txt files (is_small_corpus) is split by characters and encoded whole; any
+        other is streamed as documents (text_field names their text in .jsonl, parquet and datasets),
+        cleaned if asked (Cleaner), split into whole documents and encoded by worker processes into
+        shards, each document ending in <|endoftext|> (prepare_shards)."""
+        self.tokenizer_files = None if tokenizer is None else tokenizer[2]
+        if is_small_corpus(source) and not clean:
+            self._read_whole(source, vocab_size, pattern, val_fraction, tokenizer)
+        else:
+            self._stream(source, vocab_size, pattern, val_fraction, tokenizer, text_field, clean, workers)
+        # UTF-8 bytes of every token, to turn a loss per token into bits per byte.
+        self.token_bytes = torch.tensor([len(self.tokenizer.decode_bytes([i])) for i in range(self.tokenizer.n_vocab)])
+        if self.separator is not None:
+            self.token_bytes[self.separator] = 0  # the end of a document is no text of the corpus
+
+    def _read_whole(self, source, vocab_size, pattern, val_fraction, tokenizer):
         text = read_text(source)
         train_text, val_text = split_text(text, val_fraction)
         if not val_text.strip():
             raise DataError("the corpus is too short to hold out a validation split; pass more text")
         if tokenizer is None:
             self.tokenizer, key = train_tokenizer(train_text, vocab_size, pattern)
-            self.tokenizer_files = None
         else:
-            self.tokenizer, key, self.tokenizer_files = tokenizer
-        self.train_tokens = token_file(self.tokenizer, key, train_text)
-        self.val_tokens = token_file(self.tokenizer, key, val_text)
-        # UTF-8 bytes of every token, to turn a loss per token into bits per byte.
-        self.token_bytes = torch.tensor([len(self.tokenizer.decode_bytes([i])) for i in range(self.tokenizer.n_vocab)])
+            self.tokenizer, key, _ = tokenizer
+        dtype = token_dtype(self.tokenizer)
+        self.train_tokens, self.val_tokens = (
+            TokenShards([tokens.filename] if isinstance(tokens, np.memmap) else [], dtype)
+            for tokens in (token_file(self.tokenizer, key, train_text), token_file(self.tokenizer, key, val_text)))
+        self.separator = None
         self.fingerprint = {"corpus_sha256": sha256(text), "tokenizer": key}
+
+    def _stream(self, source, vocab_size, pattern, val_fraction, tokenizer, text_field, clean, workers):
+        corpus = survey(source, text_field, clean, val_fraction)
+        if corpus["cleaner"] is not None:
+            print(corpus["cleaner"].report(), file=sys.stderr)
+        if corpus["documents"] == 0:
+            raise DataError(f"--data {source} is empty; pass a source with text in it")
+        if int(corpus["documents"] * val_fraction) == 0:  # how many documents is_validation holds out
+            raise DataError(f"--data {source} has {corpus['documents']} documents, too few to hold out a validation "
+                            f"split of whole documents (one in every {1 / val_fraction:g}); pass more documents")
+        if tokenizer is None:
+            # Every stride-th training document, about TOKENIZER_SAMPLE_BYTES in all: see README.md.
+            stride = max(1, -(-corpus["train_bytes"] // TOKENIZER_SAMPLE_BYTES))
+            sample = tokenizer_sample(source, text_field, clean, val_fraction, stride)
+            self.tokenizer, key = train_tokenizer(sample, vocab_size, pattern, special_tokens=(ENDOFTEXT,),
+                                                  content_key=f"{corpus['sha256'][:16]}-every{stride}")
+        else:
+            self.tokenizer, key, _ = tokenizer
+        self.separator = separator_id(self.tokenizer)
+        shards = prepare_shards(source, self.tokenizer, key, corpus, text_field, clean, val_fraction, workers)
+        self.train_tokens, self.val_tokens = shards["train"], shards["val"]
+        self.fingerprint = {"corpus_sha256": corpus["sha256"], "tokenizer": key}
 
     def describe(self):
         return (
@@ -316,7 +787,7 @@ class CausalLM:
         return "tokens", config.max_seq_len
 
     def stream(self, config, batch_size, **kwargs):
-        return WindowStream(self.train_tokens.filename, self.train_tokens.dtype, config.max_seq_len, batch_size, **kwargs)
+        return WindowStream(self.train_tokens, config.max_seq_len, batch_size, **kwargs)
 
     def eval_examples(self, config, max_tokens=None):
         n = (len(self.val_tokens) - 1) // config.max_seq_len

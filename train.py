@@ -288,7 +288,9 @@ def parse_args(argv):
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default=name, help=f"model file, one of: {', '.join(choices)}")
-    p.add_argument("--data", default=None, help="text models: a text file, folder of .txt files, glob or http(s) URL (default: the stdlib's pydoc_data.topics); image-text models: an image folder with metadata.jsonl (default: pictures of shapes)")
+    p.add_argument("--data", default=None, help="text models: a .txt, .jsonl or .parquet file, a folder or glob of them, an http(s) URL, a Hugging Face dataset folder (save_to_disk) or hf:NAME (needs datasets) (default: the stdlib's pydoc_data.topics); image-text models: an image folder with metadata.jsonl (default: pictures of shapes)")
+    p.add_argument("--text-field", default="text", help="text models: the field of a .jsonl line, or the column of a parquet file or dataset, that holds the text")
+    p.add_argument("--clean", action="store_true", help="text models: normalize each document to NFC, remove control characters other than whitespace and drop exact-duplicate documents; says what it removed")
     p.add_argument("--out", default=None, help="output folder (default: out/<model> for the built-in data, out/<model>-<name of --data> otherwise)")
     p.add_argument("--fresh", action="store_true", help="start over even if --out holds a checkpoint")
     p.add_argument("--init", default=None, metavar="DIR", help="fine-tune: start from the weights in DIR (a Hugging Face "
@@ -315,7 +317,8 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of torch; 0: torch's default, or 1 when the load average shows the cores busy with other jobs (threads that wait on each other then slow a step down many times)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes that prefetch batches (default: 2 on CUDA; 0 on CPU, where cutting a batch costs microseconds and a worker would take a core)")
+    p.add_argument("--workers", type=int, default=None, help="text models: processes that encode a streamed corpus into token shards (default: the cores)")
+    p.add_argument("--loader-workers", type=int, default=None, help="DataLoader worker processes that prefetch batches (default: 2 on CUDA; 0 on CPU, where cutting a batch costs microseconds and a worker would take a core)")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one device for MFU (default: known CUDA GPUs only)")
     p.add_argument("--sample-tokens", type=int, default=200, help="tokens of the sample printed at the end (image-text models: that many examples, at most 6), 0 for none")
     p.add_argument("--no-plot", action="store_true", help="skip loss.png")
@@ -358,7 +361,8 @@ FLAG_RANGES = {
     "ckpt_every": (0, None, "0 (only at the end) or more"),
     "log_every": (1, None, "at least 1"),
     "threads": (0, None, "0 (automatic) or more"),
-    "workers": (0, None, "0 or more"),
+    "workers": (1, None, "1 or more"),
+    "loader_workers": (0, None, "0 or more"),
     "peak_flops": (0, None, "a positive number of FLOP/s"),
     "sample_tokens": (0, None, "0 (no sample) or more"),
 }
@@ -693,6 +697,8 @@ class Run:
         if self.ddp and not self.main_rank:
             dist.barrier()  # rank 0 trains and caches the tokenizer and token files first
         extra = {} if init is None else {"tokenizer": init[2]}
+        if self.task == "causal_lm":
+            extra.update(text_field=args.text_field, clean=args.clean, workers=args.workers)
         self.pipe = data.pipeline(self.task, self.module, source=args.data, vocab_size=args.vocab_size, **extra)
         if self.ddp and self.main_rank:
             dist.barrier()
@@ -768,7 +774,7 @@ class Run:
         )
         stream = self.pipe.stream(self.config, args.batch_size, seed=args.seed, start_step=self.step, rank=self.rank,
                                   world_size=self.world, grad_accum=args.grad_accum)
-        workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
+        workers = args.loader_workers if args.loader_workers is not None else (2 if device.type == "cuda" else 0)
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
             prefetch_factor=4 if workers else None,

@@ -73,7 +73,7 @@ def test_bad_sources(tmp_path, capsys):
     with pytest.raises(data.DataError, match="is empty"):
         data.read_text(str(tmp_path / "empty.txt"))
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(data.DataError, match="no .txt files"):
+    with pytest.raises(data.DataError, match="no .txt, .jsonl or .parquet files"):
         data.read_text(str(tmp_path / "empty_dir"))
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 ok".encode("latin-1"))
     assert data.read_text(str(tmp_path / "latin1.txt")) == "caf\ufffd ok"
@@ -119,7 +119,7 @@ def take(stream, n):
 
 
 def test_stream_windows_are_shifted_targets_and_epochs_cover_every_window(token_path):
-    s = data.WindowStream(token_path, np.uint16, seq_len=10, batch_size=9, seed=3)
+    s = data.WindowStream(data.TokenShards([token_path], np.uint16), seq_len=10, batch_size=9, seed=3)
     batches = take(s, s.n_windows // 9 + 1)
     for b in batches:
         assert b["idx"].shape == (9, 10) and torch.equal(b["idx"][:, 1:], b["targets"][:, :-1])
@@ -130,23 +130,23 @@ def test_stream_windows_are_shifted_targets_and_epochs_cover_every_window(token_
 
 
 def test_stream_resumes_at_any_step_and_depends_on_the_seed(token_path):
-    full = take(data.WindowStream(token_path, np.uint16, 16, 4, seed=1, grad_accum=2), 10)
-    resumed = take(data.WindowStream(token_path, np.uint16, 16, 4, seed=1, grad_accum=2, start_step=3), 4)
+    full = take(data.WindowStream(data.TokenShards([token_path], np.uint16), 16, 4, seed=1, grad_accum=2), 10)
+    resumed = take(data.WindowStream(data.TokenShards([token_path], np.uint16), 16, 4, seed=1, grad_accum=2, start_step=3), 4)
     for a, b in zip(full[6:], resumed):
         assert torch.equal(a["idx"], b["idx"])
-    other = take(data.WindowStream(token_path, np.uint16, 16, 4, seed=2, grad_accum=2), 1)
+    other = take(data.WindowStream(data.TokenShards([token_path], np.uint16), 16, 4, seed=2, grad_accum=2), 1)
     assert not torch.equal(full[0]["idx"], other[0]["idx"])
 
 
 def test_stream_shards_ranks_like_one_bigger_batch(token_path):
-    one = take(data.WindowStream(token_path, np.uint16, 16, 8, seed=5), 3)
-    ranks = [take(data.WindowStream(token_path, np.uint16, 16, 4, seed=5, rank=r, world_size=2), 3) for r in (0, 1)]
+    one = take(data.WindowStream(data.TokenShards([token_path], np.uint16), 16, 8, seed=5), 3)
+    ranks = [take(data.WindowStream(data.TokenShards([token_path], np.uint16), 16, 4, seed=5, rank=r, world_size=2), 3) for r in (0, 1)]
     for step in range(3):
         assert torch.equal(one[step]["idx"], torch.cat([ranks[0][step]["idx"], ranks[1][step]["idx"]]))
 
 
 def test_dataloader_workers_keep_the_order(token_path):
-    s = data.WindowStream(token_path, np.uint16, 16, 4, seed=7)
+    s = data.WindowStream(data.TokenShards([token_path], np.uint16), 16, 4, seed=7)
     plain = take(s, 6)
     loader = torch.utils.data.DataLoader(s, batch_size=None, num_workers=2, prefetch_factor=2)
     for a, b in zip(plain, take(loader, 6)):

@@ -215,7 +215,7 @@ def test_cli_exit_code_and_help(capsys):
     (["--grad-clip", "inf"], "--grad-clip must be"), (["--warmup-steps", "-1"], "--warmup-steps must be"),
     (["--seed", "-3"], "--seed must be"), (["--eval-every", "-1"], "--eval-every must be"),
     (["--eval-tokens", "-5"], "--eval-tokens must be"), (["--ckpt-every", "-1"], "--ckpt-every must be"),
-    (["--threads", "-1"], "--threads must be"), (["--workers", "-2"], "--workers must be"),
+    (["--threads", "-1"], "--threads must be"), (["--workers", "0"], "--workers must be"), (["--loader-workers", "-1"], "--loader-workers must be"),
     (["--peak-flops", "0"], "--peak-flops must be"), (["--sample-tokens", "-1"], "--sample-tokens must be"),
     (["--time-budget", "nan"], "--time-budget must be"), (["--batch-size", "0"], "--batch-size must be"),
     (["--grad-accum", "0"], "--grad-accum must be"), (["--max-steps", "0"], "--max-steps must be"),

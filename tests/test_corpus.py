@@ -1,0 +1,234 @@
+"""data.py on streamed corpora: each source kind, exact token ids in shards, the whole-document split,
+the batch stream across shards, resuming an interrupted preparation, cleaning and bad input."""
+
+import json
+import signal
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train
+from test_train import ROOT, TINY, subprocess_train, wait_for_step, weights
+
+# Documents of different lengths and kinds of text, one of them a duplicate.
+DOCS = [f"Document {i}: " + " ".join(["alpha", "beta", "gamma", "Ünïcödé", "42", "x = f(y)\n", "🙂"][(i * j) % 7]
+                                      for j in range(20 + 13 * (i % 5))) for i in range(40)]
+DOCS[17] = DOCS[3]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMS_FROM_SCRATCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def write_jsonl(path, docs, field="text"):
+    path.write_text("".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def encode_whole(pipe, docs):
+    """Each document encoded at once, then the separator: what the shards must hold."""
+    ids = [pipe.tokenizer.encode_ordinary(d) + [pipe.separator] for d in docs]
+    return np.concatenate([np.asarray(i, dtype=np.int64) for i in ids])
+
+
+def splits(docs, val_fraction=0.1):
+    return ([d for i, d in enumerate(docs) if not data.is_validation(i, val_fraction)],
+            [d for i, d in enumerate(docs) if data.is_validation(i, val_fraction)])
+
+
+def test_shards_hold_exactly_the_ids_of_each_document_encoded_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SHARD_TOKENS", 300)  # many shards, documents cut across them
+    pipe = data.CausalLM(str(write_jsonl(tmp_path / "c.jsonl", DOCS)), vocab_size=300, workers=2)
+    train_docs, val_docs = splits(DOCS)
+    assert len(val_docs) == 4 and len(pipe.train_tokens.paths) > 3
+    assert all(n == 300 for n in pipe.train_tokens.sizes[:-1])
+    np.testing.assert_array_equal(np.asarray(pipe.train_tokens, dtype=np.int64), encode_whole(pipe, train_docs))
+    np.testing.assert_array_equal(np.asarray(pipe.val_tokens, dtype=np.int64), encode_whole(pipe, val_docs))
+    assert pipe.tokenizer.n_vocab == 301 and pipe.token_bytes[pipe.separator] == 0
+
+
+def test_shards_and_split_do_not_depend_on_the_number_of_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SHARD_TOKENS", 500)
+    source = str(write_jsonl(tmp_path / "c.jsonl", DOCS))
+    made = []
+    for workers in (1, 3):
+        monkeypatch.setenv("LLMS_FROM_SCRATCH_CACHE", str(tmp_path / f"cache{workers}"))
+        pipe = data.CausalLM(source, vocab_size=300, workers=workers)
+        made.append([np.asarray(pipe.train_tokens), np.asarray(pipe.val_tokens), pipe.fingerprint])
+    for a, b in zip(*made):
+        assert (a == b) if isinstance(a, dict) else np.array_equal(a, b)
+
+
+def test_an_interrupted_preparation_resumes_and_makes_the_same_shards(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "SHARD_TOKENS", 200)
+    source = str(write_jsonl(tmp_path / "c.jsonl", DOCS))
+    monkeypatch.setenv("LLMS_FROM_SCRATCH_CACHE", str(tmp_path / "whole"))
+    whole = data.CausalLM(source, vocab_size=300, workers=2)
+
+    monkeypatch.setenv("LLMS_FROM_SCRATCH_CACHE", str(tmp_path / "cut"))
+    write = data.ShardWriter.flush
+    written = []
+
+    def flush_then_die(self):
+        write(self)
+        written.append(self.split)
+        if len(written) == 5:
+            raise KeyboardInterrupt  # as a kill would, after the shard and before anything else
+
+    monkeypatch.setattr(data.ShardWriter, "flush", flush_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        data.CausalLM(source, vocab_size=300, workers=2)
+    monkeypatch.setattr(data.ShardWriter, "flush", write)
+    encoded = []
+    encode = data.tasks
+
+    def counting_tasks(docs, first=0, **kwargs):
+        encoded.append(first)
+        return encode(docs, first, **kwargs)
+
+    monkeypatch.setattr(data, "tasks", counting_tasks)
+    resumed = data.CausalLM(source, vocab_size=300, workers=2)
+    assert "resuming the preparation" in capsys.readouterr().err and encoded[0] > 0
+    for split in ("train_tokens", "val_tokens"):
+        a, b = getattr(whole, split), getattr(resumed, split)
+        assert a.sizes == b.sizes and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_stream_reads_across_shards_as_one_file(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 60000, 1000).astype(np.uint16)
+    ids.tofile(tmp_path / "one.uint16")
+    for k in range(0, 1000, 64):
+        ids[k : k + 64].tofile(tmp_path / f"s{k:04d}.uint16")
+    one = data.TokenShards([tmp_path / "one.uint16"], np.uint16)
+    sharded = data.TokenShards(sorted(tmp_path.glob("s*.uint16")), np.uint16)
+    assert len(sharded) == 1000 and np.array_equal(sharded[np.arange(1000)], ids)
+    for kwargs in ({}, {"grad_accum": 2, "start_step": 3}):
+        a, b = (iter(data.WindowStream(t, 16, 4, seed=9, **kwargs)) for t in (one, sharded))
+        for _ in range(40):  # past an epoch, so the windows cross shard boundaries at every offset
+            x, y = next(a), next(b)
+            assert torch.equal(x["idx"], y["idx"]) and torch.equal(x["targets"], y["targets"])
+
+
+def test_ranks_and_accumulation_slices_are_disjoint_and_cover_the_step(tmp_path):
+    np.arange(3000, dtype=np.uint16).tofile(tmp_path / "t.uint16")
+    tokens = data.TokenShards([tmp_path / "t.uint16"], np.uint16)
+    whole = iter(data.WindowStream(tokens, 10, 8, seed=4))
+    parts = [iter(data.WindowStream(tokens, 10, 2, seed=4, rank=r, world_size=2, grad_accum=2)) for r in (0, 1)]
+    for step in range(5):
+        firsts = [next(p)["idx"][:, 0] for _ in range(2) for p in parts]  # micro 0 of both ranks, then micro 1
+        mine = torch.cat(firsts)
+        assert len(set(mine.tolist())) == 8  # no window twice within a step
+        assert torch.equal(mine, next(whole)["idx"][:, 0])
+
+
+def test_every_source_kind_gives_the_same_documents(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    (tmp_path / "j").mkdir()
+    write_jsonl(tmp_path / "j" / "a.jsonl", DOCS[:25])
+    write_jsonl(tmp_path / "j" / "b.jsonl", DOCS[25:], field="body")
+    assert list(data.documents(str(tmp_path / "j" / "a.jsonl"))) == DOCS[:25]
+    assert list(data.documents(str(tmp_path / "j" / "b.jsonl"), text_field="body")) == DOCS[25:]
+    pq.write_table(pa.table({"text": DOCS, "n": list(range(40))}), tmp_path / "c.parquet", row_group_size=7)
+    assert list(data.documents(str(tmp_path / "c.parquet"))) == DOCS
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "saved"))
+    assert list(data.documents(str(tmp_path / "saved"))) == DOCS
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS[:5]})}).save_to_disk(str(tmp_path / "dict"))
+    assert list(data.documents(str(tmp_path / "dict"))) == DOCS[:5]
+    # A folder and a glob mix the kinds, in the order of their paths.
+    (tmp_path / "mix").mkdir()
+    write_jsonl(tmp_path / "mix" / "1.jsonl", DOCS[:10])
+    pq.write_table(pa.table({"text": DOCS[10:20]}), tmp_path / "mix" / "2.parquet")
+    (tmp_path / "mix" / "3.txt").write_text("plain text\n")
+    expected = DOCS[:20] + ["plain text\n"]
+    assert list(data.documents(str(tmp_path / "mix"))) == expected
+    assert list(data.documents(str(tmp_path / "mix" / "*"))) == expected
+    # A large .txt file becomes documents cut at line breaks, which join back into the file.
+    monkeypatch.setattr(data, "DOCUMENT_CHARS", 500)
+    text = "\n\n".join(DOCS)
+    (tmp_path / "big.txt").write_text(text)
+    pieces = list(data.documents(str(tmp_path / "big.txt")))
+    assert "".join(pieces) == text and len(pieces) > 10 and all(len(p) <= 500 for p in pieces)
+    assert all(p.endswith("\n") for p in pieces[:-1])  # at a blank line where one is near, else a line break
+
+
+def test_a_saved_dataset_and_a_large_text_file_train(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "saved"))
+    pipe = data.CausalLM(str(tmp_path / "saved"), vocab_size=280, workers=1)
+    assert np.array_equal(np.asarray(pipe.val_tokens, dtype=np.int64), encode_whole(pipe, splits(DOCS)[1]))
+    monkeypatch.setattr(data, "SMALL_CORPUS_BYTES", 1000)  # this file is no longer small: it streams
+    monkeypatch.setattr(data, "DOCUMENT_CHARS", 800)
+    (tmp_path / "big.txt").write_text("\n\n".join(DOCS))
+    pipe = data.CausalLM(str(tmp_path / "big.txt"), vocab_size=280, workers=2)
+    pieces = list(data.documents(str(tmp_path / "big.txt")))
+    assert np.array_equal(np.asarray(pipe.train_tokens, dtype=np.int64), encode_whole(pipe, splits(pieces)[0]))
+
+
+def test_clean_normalizes_removes_controls_and_duplicates_and_says_so(tmp_path, capsys):
+    docs = ["Cafe\u0301 au lait\x00 ok", "tab\tand\nnewline stay\x07", "Café au lait ok", "unique " * 30] + DOCS
+    pipe = data.CausalLM(str(write_jsonl(tmp_path / "c.jsonl", docs)), vocab_size=280, clean=True, workers=1)
+    report = capsys.readouterr().err
+    # doc 0 becomes doc 2 once normalized and without its NUL; DOCS[17] repeats DOCS[3]
+    assert "normalized 1 documents" in report and "removed 2 control characters" in report
+    assert "dropped 2 duplicate documents" in report
+    kept = ["Café au lait ok", "tab\tand\nnewline stay", "unique " * 30] + DOCS[:17] + DOCS[18:]
+    train_docs, val_docs = splits(kept)
+    assert np.array_equal(np.asarray(pipe.train_tokens, dtype=np.int64), encode_whole(pipe, train_docs))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: p.write_text('{"text": "fine"}\n{"text": broken}\n'), "line 2 is not JSON"),
+    (lambda p: p.write_text('{"text": "fine"}\n\n{"body": "no text"}\n'), "line 3 has no 'text' field"),
+])
+def test_bad_jsonl_is_named_by_line(tmp_path, make, match):
+    make(tmp_path / "c.jsonl")
+    with pytest.raises(data.DataError, match=match):
+        data.CausalLM(str(tmp_path / "c.jsonl"), vocab_size=280)
+
+
+def test_bad_sources_exit_2_with_one_sentence(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
+    datasets.Dataset.from_dict({"body": DOCS}).save_to_disk(str(tmp_path / "saved"))
+    write_jsonl(tmp_path / "few.jsonl", DOCS[:5])
+    write_jsonl(tmp_path / "short.jsonl", ["tiny"] * 20)
+    capsys.readouterr()  # what datasets printed while saving
+    for source, match in [(tmp_path / "bad.parquet", "cannot read the parquet file"),
+                          (tmp_path / "saved", "has no 'text' column"),
+                          (tmp_path / "few.jsonl", "too few to hold out a validation split"),
+                          (tmp_path / "short.jsonl", "too few for one window")]:
+        out = tmp_path / "out"
+        assert train.main(["--data", str(source), "--out", str(out), *TINY, "--max-steps", "1"]) == 2
+        err = capsys.readouterr().err  # progress lines may come first; the error is the last line
+        assert match in err.splitlines()[-1] and err.splitlines()[-1].startswith("error: ") and "Traceback" not in err, err
+        assert not out.exists()
+
+
+def test_training_on_shards_resumes_bit_identically_after_a_kill(tmp_path, monkeypatch):
+    """Windows cross the shard boundaries; a run killed between checkpoints ends with the weights of
+    a run that was never stopped."""
+    source = str(write_jsonl(tmp_path / "c.jsonl", DOCS * 3))
+    monkeypatch.setattr(data, "SHARD_TOKENS", 1000)
+    common = ["--data", source, *TINY, "--max-steps", "16", "--ckpt-every", "6", "--eval-every", "0",
+              "--log-every", "1", "--sample-tokens", "0", "--workers", "2"]
+    assert train.main([*common, "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "stopped"
+    # The subprocess makes shards of the default size: the batches do not depend on the shard size.
+    proc = subprocess_train([*common, "--out", str(out)])
+    wait_for_step(proc, 8)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(out / "state.pt", weights_only=True)["step"] in (6, 12)
+    assert train.main([*common, "--out", str(out)]) == 0
+    a, b = weights(tmp_path / "straight"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
