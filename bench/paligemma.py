@@ -41,7 +41,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -50,23 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import paligemma  # noqa: E402
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def best_times(contenders, repeats):
-    """Best wall time of each function, calling them in turn after one warm-up call each."""
-    for fn in contenders:
-        fn()
-    best = [float("inf")] * len(contenders)
-    for _ in range(repeats):
-        for i, fn in enumerate(contenders):
-            best[i] = min(best[i], timed(fn))
-    return best
+from timing import best_times  # noqa: E402
 
 
 CONTENDERS = ("ours", "transformers sdpa", "transformers eager")

@@ -12,7 +12,6 @@ process's peak and that of RUSAGE_CHILDREN the largest peak of any worker.
 import argparse
 import multiprocessing
 import os
-import resource
 import subprocess
 import sys
 import sysconfig

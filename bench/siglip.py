@@ -27,7 +27,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,23 +34,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import siglip  # noqa: E402
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def best_times(contenders, repeats):
-    """Best wall time of each function, calling them in turn after one warm-up call each."""
-    for fn in contenders:
-        fn()
-    best = [float("inf")] * len(contenders)
-    for _ in range(repeats):
-        for i, fn in enumerate(contenders):
-            best[i] = min(best[i], timed(fn))
-    return best
+from timing import best_times  # noqa: E402
 
 
 CONTENDERS = ("ours", "ours (same_text)", "transformers sdpa", "transformers eager")

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,3 +41,17 @@ def corpus_env(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LLMS_FROM_SCRATCH_CACHE", str(root / "cache"))
         yield root
+
+
+def start_train(argv, **kwargs):
+    """train.py with argv in a process of its own, its stdout and stderr as text pipes."""
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, **kwargs)
+
+
+def wait_for_step(proc, step):
+    """Read proc's progress lines until one reports step or later."""
+    for line in proc.stdout:
+        if line.startswith("step ") and "loss" in line and int(line.split()[1].split("/")[0]) >= step:
+            return
+    pytest.fail(f"the run ended before step {step}: {proc.stderr.read()[-2000:]}")

@@ -205,8 +205,8 @@ def short_ascii_runs(monkeypatch):
 @given(text=mixed_text)
 @example(text="a\u3000  b  c\u3000 \n x")
 def test_ascii_fast_path_cuts_like_tiktoken(cl100k, o200k, gpt2_split, llama3_split, short_ascii_runs, text):
-    for ours, reference in (cl100k, o200k, gpt2_split, llama3_split):
-        assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+    for ours, theirs in (cl100k, o200k, gpt2_split, llama3_split):
+        assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
 
 
 PATTERNS = [bpe.GPT2_PATTERN, bpe.CL100K_PATTERN, bpe.O200K_PATTERN, bpe.LLAMA3_PATTERN, bpe.QWEN2_PATTERN, bpe.BYTE_LEVEL_PATTERN]
@@ -239,8 +239,8 @@ def test_mostly_ascii_long_text_equals_tiktoken(cl100k, o200k, gpt2_split, llama
     text = mostly_ascii_text()
     for pattern in PATTERNS:
         assert bpe.splitter(pattern)(text) == findall(pattern, text)
-    for ours, reference in (cl100k, o200k, gpt2_split, llama3_split):
-        assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
+    for ours, theirs in (cl100k, o200k, gpt2_split, llama3_split):
+        assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
 
 
 def test_long_chunks_equal_tiktoken(cl100k):

@@ -3,9 +3,6 @@ the batch stream across shards, resuming an interrupted preparation, cleaning an
 
 import json
 import signal
-import subprocess
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -13,7 +10,8 @@ import torch
 
 import data
 import train
-from test_train import ROOT, TINY, subprocess_train, wait_for_step, weights
+from conftest import start_train, wait_for_step  # noqa: E402
+from test_train import TINY, weights
 
 # Documents of different lengths and kinds of text, one of them a duplicate.
 DOCS = [f"Document {i}: " + " ".join(["alpha", "beta", "gamma", "Ünïcödé", "42", "x = f(y)\n", "🙂"][(i * j) % 7]
@@ -224,7 +222,7 @@ def test_training_on_shards_resumes_bit_identically_after_a_kill(tmp_path, monke
     assert train.main([*common, "--out", str(tmp_path / "straight")]) == 0
     out = tmp_path / "stopped"
     # The subprocess makes shards of the default size: the batches do not depend on the shard size.
-    proc = subprocess_train([*common, "--out", str(out)])
+    proc = start_train([*common, "--out", str(out)])
     wait_for_step(proc, 8)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -19,7 +19,7 @@ import gpt_llama
 import sample
 import train
 
-from conftest import reference  # noqa: E402
+from conftest import reference, start_train, wait_for_step  # noqa: E402
 
 transformers = reference("transformers")
 
@@ -97,11 +97,8 @@ def test_resume_after_sigint_is_bit_identical(env):
     assert run(env, env / "straight", *common) == 0
     out = env / "stopped"
     argv = ["--init", str(env / "hf"), "--data", str(env / "corpus.txt"), "--out", str(out), *COMMON, *common]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    for line in proc.stdout:
-        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 3:
-            break
+    proc = start_train(argv)
+    wait_for_step(proc, 3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err

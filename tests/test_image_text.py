@@ -21,6 +21,8 @@ import sample
 import siglip
 import train
 
+from conftest import start_train, wait_for_step  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "siglip", "--set", "image_size=16", "--set", "patch_size=4", "--set", "vision_dim=32",
         "--set", "vision_layers=1", "--set", "vision_heads=2", "--set", "vision_mlp_dim=64", "--set", "text_dim=32",
@@ -252,20 +254,13 @@ def test_sample_ranks_labels_for_images(trained, tmp_path, capsys):
     assert sample.main([str(trained), "--prompt", "a red"]) == 2
 
 
-def subprocess_train(argv):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
 def test_resume_after_sigint_is_bit_identical(env):
     common = [*TINY, "--max-steps", "16", "--ckpt-every", "100", "--eval-every", "0", "--log-every", "1", "--seed", "4",
               "--sample-tokens", "0"]
     assert train.main([*common, "--out", str(env / "straight")]) == 0
     out = env / "stopped"
-    proc = subprocess_train([*common, "--out", str(out)])
-    for line in proc.stdout:
-        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 5:
-            break
+    proc = start_train([*common, "--out", str(out)])
+    wait_for_step(proc, 5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err

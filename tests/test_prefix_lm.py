@@ -21,6 +21,8 @@ import data
 import paligemma
 import train
 
+from conftest import start_train, wait_for_step  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "paligemma", "--set", "image_size=16", "--set", "patch_size=8", "--set", "vision_dim=16",
         "--set", "vision_layers=1", "--set", "vision_heads=2", "--set", "vision_mlp_dim=32", "--set", "dim=16",
@@ -170,21 +172,14 @@ def records(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def subprocess_train(argv):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
 def test_resume_after_sigint_is_bit_identical(env):
     # A tiny step takes milliseconds: many steps after the stop leave the signal time to land before the end.
     common = [*TINY, "--max-steps", "200", "--ckpt-every", "1000", "--eval-every", "0", "--log-every", "1",
               "--seed", "4", "--sample-tokens", "0"]
     assert train.main([*common, "--out", str(env / "straight")]) == 0
     out = env / "stopped"
-    proc = subprocess_train([*common, "--out", str(out)])
-    for line in proc.stdout:
-        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 3:
-            break
+    proc = start_train([*common, "--out", str(out)])
+    wait_for_step(proc, 3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err

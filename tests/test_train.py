@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 import train
 
+from conftest import start_train, wait_for_step  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--vocab-size", "300", "--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=2", "--set", "n_kv_heads=1",
         "--set", "ffn_dim=64", "--set", "max_seq_len=32", "--set", "dropout=0.0", "--batch-size", "4", "--warmup-steps", "5",
@@ -36,11 +38,6 @@ def args(env, out, *extra):
 
 def weights(out):
     return load_file(Path(out) / "model.safetensors")
-
-
-def subprocess_train(argv, **kwargs):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +72,6 @@ def test_outputs(env, trained, capsys):
     assert "already holds a finished run" in capsys.readouterr().out
 
 
-def wait_for_step(proc, step):
-    for line in proc.stdout:
-        if line.startswith("step ") and "loss" in line and int(line.split()[1].split("/")[0]) >= step:
-            return
-    pytest.fail(f"the run ended before step {step}: {proc.stderr.read()[-2000:]}")
-
-
 def test_resume_after_sigkill_and_sigint_is_bit_identical(env):
     # With dropout, so that the random state must be restored too.
     common = ["--max-steps", "24", "--ckpt-every", "8", "--eval-every", "0", "--log-every", "1", "--seed", "3",
@@ -89,14 +79,14 @@ def test_resume_after_sigkill_and_sigint_is_bit_identical(env):
     assert train.main(args(env, env / "straight", *common)) == 0
 
     out = env / "stopped"
-    proc = subprocess_train(args(env, out, *common))
+    proc = start_train(args(env, out, *common))
     wait_for_step(proc, 10)
     proc.send_signal(signal.SIGKILL)  # between two checkpoints: the work since step 10 is lost
     proc.wait()
     killed_at = torch.load(out / "state.pt", weights_only=True)["step"]
     assert killed_at in (8, 16)
 
-    proc = subprocess_train(args(env, out, *common))
+    proc = start_train(args(env, out, *common))
     wait_for_step(proc, killed_at + 3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -239,7 +229,7 @@ def test_a_validation_split_shorter_than_a_window_is_found_before_training(env, 
 
 
 def test_ctrl_c_while_torch_imports_exits_quietly(env, tmp_path):
-    proc = subprocess_train(args(env, tmp_path / "o", "--max-steps", "5"))
+    proc = start_train(args(env, tmp_path / "o", "--max-steps", "5"))
     time.sleep(0.5)  # torch takes over a second to import; the script's first lines take milliseconds
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)

@@ -1,0 +1,27 @@
+"""Timing shared by the benchmarks: the best of several turns, contenders taking turns.
+
+On shared cores noise only ever slows a run down, so the best time of each contender is the one
+closest to what the code costs, and taking turns spreads any slow spell over all of them.
+"""
+
+import time
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def best_times(contenders, repeats, setup=lambda: None):
+    """Best wall time of each function, calling them in turn after one warm-up call each; setup runs
+    untimed before every round."""
+    setup()
+    for fn in contenders:
+        fn()
+    best = [float("inf")] * len(contenders)
+    for _ in range(repeats):
+        setup()
+        for i, fn in enumerate(contenders):
+            best[i] = min(best[i], timed(fn))
+    return best
