@@ -28,6 +28,7 @@ Where things are cached ($LLMS_FROM_SCRATCH_CACHE, else $XDG_CACHE_HOME/llms-fro
     shards/<tokenizer key>-<sha256 of the documents>-<shard size>/{train,val}-NNNNNN.<uint16|uint32>, manifest.json
 """
 
+import codecs
 import glob
 import hashlib
 import inspect
@@ -95,6 +96,7 @@ def atomic_write(path, write):
 # documents and encoded by worker processes into token shards (see prepare_shards).
 SMALL_CORPUS_BYTES = 16 * 2**20
 DOCUMENT_CHARS = 2**20  # a large .txt file becomes documents of about this many characters
+TEXT_BLOCK_BYTES = 2**22  # and is read this much at a time
 TOKENIZER_SAMPLE_BYTES = 32 * 2**20  # the tokenizer of a streamed corpus learns from about this much text
 SHARD_TOKENS = 2**24  # tokens per shard file (32 MiB of uint16), the last one shorter
 ENDOFTEXT = "<|endoftext|>"  # the token that ends every document of a streamed corpus
@@ -188,17 +190,35 @@ def split_text(text, val_fraction=0.1):
 
 def text_documents(path):
     """A .txt file as documents of about DOCUMENT_CHARS, each cut at the last blank line (else line
-    break) before that size, so that a paragraph is rarely cut in two."""
-    text = decode_file(path)
-    start = 0
-    while start < len(text):
-        end = len(text) if len(text) - start <= DOCUMENT_CHARS else start + DOCUMENT_CHARS
-        if end < len(text):
-            cut = text.rfind("\n\n", start + 1, end)
-            cut = cut if cut > start else text.rfind("\n", start + 1, end)
-            end = cut + 1 if cut > start else end
-        yield text[start:end]
-        start = end
+    break) before that size, so that a paragraph is rarely cut in two. The file is read and decoded
+    TEXT_BLOCK_BYTES at a time: a single .txt of gigabytes (TinyStories ships as one) never sits in
+    memory whole."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    text, position = "", 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(TEXT_BLOCK_BYTES)
+            state = decoder.getstate()
+            try:
+                text += decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:  # said once; from there on, what does not decode is replaced
+                warn(f"{path} is not valid UTF-8 (byte {position - len(state[0]) + e.start}); undecodable bytes "
+                     "were replaced with U+FFFD")
+                decoder.setstate(state)
+                decoder.errors = "replace"
+                text += decoder.decode(block, final=not block)
+            position += len(block)
+            # Cut only where more text follows than a document holds, as cutting the whole file would.
+            while len(text) > DOCUMENT_CHARS:
+                cut = text.rfind("\n\n", 1, DOCUMENT_CHARS)
+                cut = cut if cut > 0 else text.rfind("\n", 1, DOCUMENT_CHARS)
+                end = cut + 1 if cut > 0 else DOCUMENT_CHARS
+                yield text[:end]
+                text = text[end:]
+            if not block:
+                break
+    if text:
+        yield text
 
 
 def jsonl_documents(path, text_field):
@@ -283,6 +303,8 @@ def hub_dataset_documents(name, text_field):
 
 
 def in_one_line(error, limit=160):
+    """An exception's message on one line, cut to limit characters: torch's state-dict errors list
+    every key over several lines, pyarrow's its context."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

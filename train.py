@@ -62,6 +62,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import data  # noqa: E402
+from data import in_one_line  # noqa: E402
 
 if __name__ == "__main__":
     if INTERRUPTED:
@@ -103,13 +104,6 @@ PEAK_BF16_FLOPS = [
 
 class CliError(Exception):
     """Bad input, said in one sentence; main() prints it and returns 2."""
-
-
-def in_one_line(error, limit=160):
-    """An exception's message on one line, cut to limit characters: torch's state-dict errors list
-    every key over several lines."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ------------------------------------------------------------------------------------ model files

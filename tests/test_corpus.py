@@ -230,3 +230,31 @@ def test_training_on_shards_resumes_bit_identically_after_a_kill(tmp_path, monke
     assert train.main([*common, "--out", str(out)]) == 0
     a, b = weights(tmp_path / "straight"), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("block", [1, 5, 64, 10**6])
+def test_a_txt_file_read_a_block_at_a_time_cuts_as_the_whole_text_would(tmp_path, monkeypatch, capsys, block):
+    """Documents end after the last blank line (else line break) that leaves at most DOCUMENT_CHARS
+    characters, whether the file is decoded whole or a block at a time, with characters of several
+    bytes split across blocks; an undecodable byte is named by its offset."""
+    monkeypatch.setattr(data, "DOCUMENT_CHARS", 40)
+    monkeypatch.setattr(data, "TEXT_BLOCK_BYTES", block)
+    rng = np.random.default_rng(block)
+    pieces = ["word ", "é", "🙂", "\n", "\n\n", "a" * 45]
+    text = "".join(pieces[i] for i in rng.integers(0, len(pieces), 300))
+    raw = text.encode()
+    bad = len(raw) // 2 - len(raw) // 2 % 4  # between characters: the 4-byte emoji and the rest align there or not
+    raw = raw[:bad] + b"\xff" + raw[bad:]
+    path = tmp_path / "big.txt"
+    path.write_bytes(raw)
+    whole, expected, start = raw.decode("utf-8", errors="replace"), [], 0
+    while start < len(whole):
+        end = len(whole) if len(whole) - start <= 40 else start + 40
+        if end < len(whole):
+            cut = whole.rfind("\n\n", start + 1, end)
+            cut = cut if cut > start else whole.rfind("\n", start + 1, end)
+            end = cut + 1 if cut > start else end
+        expected.append(whole[start:end])
+        start = end
+    assert list(data.text_documents(path)) == expected
+    assert f"(byte {raw.index(bytes([0xFF]))})" in capsys.readouterr().err
