@@ -569,10 +569,12 @@ def tasks(docs, first=0, task_chars=2**20):
 
 
 class Progress:
-    """Documents, MB and tokens per second and the time left, on one line of stderr, every few seconds."""
+    """Documents, MB and tokens per second and the time left, on one line of stderr, every few seconds.
+    A pass that reads the corpus without encoding it (label) shows no tokens; the first pass, which
+    learns the corpus's size, no time left."""
 
-    def __init__(self, total_bytes, every=2.0):
-        self.total, self.every = total_bytes, every
+    def __init__(self, total_bytes, every=2.0, label="encoding"):
+        self.total, self.every, self.label = total_bytes, every, label
         self.docs = self.bytes = self.tokens = 0
         self.start = self.last = time.time()
         self.tty = sys.stderr.isatty()
@@ -586,10 +588,12 @@ class Progress:
         self.last = now
         elapsed = max(now - self.start, 1e-9)
         rate = self.bytes / elapsed
-        left = (self.total - self.bytes) / rate if rate else 0.0
-        print(f"{self.line_start}encoding: {self.docs:,} documents, {self.bytes / 1e6:,.1f} of {self.total / 1e6:,.1f} MB, "
-              f"{self.docs / elapsed:,.0f} documents/s, {rate / 1e6:.1f} MB/s, {self.tokens / elapsed / 1e6:.2f}M tokens/s, "
-              f"{left:.0f} s left", end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
+        size = f" of {self.total / 1e6:,.1f}" if self.total else ""
+        tokens = f", {self.tokens / elapsed / 1e6:.2f}M tokens/s" if self.label == "encoding" else ""
+        left = f", {(self.total - self.bytes) / rate:.0f} s left" if self.total and rate else ""
+        print(f"{self.line_start}{self.label}: {self.docs:,} documents, {self.bytes / 1e6:,.1f}{size} MB, "
+              f"{self.docs / elapsed:,.0f} documents/s, {rate / 1e6:.1f} MB/s{tokens}{left}",
+              end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
 
 
 def survey(source, text_field, clean, val_fraction):
@@ -598,6 +602,7 @@ def survey(source, text_field, clean, val_fraction):
     docs, cleaner = corpus_documents(source, text_field, clean)
     h = hashlib.sha256(f"{val_fraction}".encode())
     count = n_bytes = train_bytes = 0
+    progress = Progress(None, label="reading")
     for text in docs:
         raw = text.encode("utf-8", "surrogatepass")
         h.update(len(raw).to_bytes(8, "little"))
@@ -605,18 +610,25 @@ def survey(source, text_field, clean, val_fraction):
         if not is_validation(count, val_fraction):
             train_bytes += len(raw)
         count, n_bytes = count + 1, n_bytes + len(raw)
+        progress.update(1, len(raw), 0)
+    if time.time() - progress.start > progress.every:  # a pass that took a while ends its line
+        progress.update(0, 0, 0, final=True)
     return {"documents": count, "bytes": n_bytes, "train_bytes": train_bytes, "sha256": h.hexdigest(), "cleaner": cleaner}
 
 
-def tokenizer_sample(source, text_field, clean, val_fraction, stride):
+def tokenizer_sample(source, text_field, clean, val_fraction, stride, total_bytes):
     """Every stride-th training document, so that the sample spreads over the whole corpus."""
     docs, _ = corpus_documents(source, text_field, clean)
     n_train = 0
+    progress = Progress(total_bytes, label="sampling for the tokenizer")
     for index, text in enumerate(docs):
+        progress.update(1, len(text.encode("utf-8", "surrogatepass")), 0)
         if not is_validation(index, val_fraction):
             if n_train % stride == 0:
                 yield text
             n_train += 1
+    if time.time() - progress.start > progress.every:
+        progress.update(0, 0, 0, final=True)
 
 
 def prepare_shards(source, tokenizer, tokenizer_key, corpus, text_field="text", clean=False, val_fraction=0.1,
@@ -777,7 +789,7 @@ class CausalLM:
         if tokenizer is None:
             # Every stride-th training document, about TOKENIZER_SAMPLE_BYTES in all: see README.md.
             stride = max(1, -(-corpus["train_bytes"] // TOKENIZER_SAMPLE_BYTES))
-            sample = tokenizer_sample(source, text_field, clean, val_fraction, stride)
+            sample = tokenizer_sample(source, text_field, clean, val_fraction, stride, corpus["bytes"])
             self.tokenizer, key = train_tokenizer(sample, vocab_size, pattern, special_tokens=(ENDOFTEXT,),
                                                   content_key=f"{corpus['sha256'][:16]}-every{stride}")
         else:
