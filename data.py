@@ -139,7 +139,8 @@ def corpus_files(source):
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
-        if not files and next(path.rglob("metadata.jsonl"), None):
+        # An image folder's metadata.jsonl is a .jsonl with a "text" field too; it names the folder's images.
+        if any(p.name == "metadata.jsonl" for p in files):
             raise DataError(f"{source} is an image folder (it holds metadata.jsonl); a text model trains on .txt files, "
                             "an image model (such as siglip) on this folder")
         if not files:
