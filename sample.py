@@ -59,15 +59,18 @@ def load_trained(folder):
     return model, tokenizer, frozenset()
 
 
-def load_hf(folder):
-    """(model, tokenizer, eos_ids) from a Hugging Face checkpoint folder."""
+def load_hf(folder, dtype="float32"):
+    """(model, tokenizer, eos_ids) from a Hugging Face checkpoint folder, the weights in dtype."""
     folder = Path(folder)
     config = read_json(folder / "config.json", "pass a Hugging Face checkpoint folder")
     architectures = config.get("architectures") or ["?"]
     module = train.import_model(train.model_for_architecture(architectures[0]))
+    takes_dtype = "dtype" in inspect.signature(module.Model.from_pretrained).parameters
+    if dtype != "float32" and not takes_dtype:
+        raise CliError(f"{module.__name__}.py loads its weights in float32 only; leave --dtype out")
     try:
         tokenizer = data.load_tokenizer(folder)
-        model = module.Model.from_pretrained(folder)
+        model = module.Model.from_pretrained(folder, dtype=dtype) if takes_dtype else module.Model.from_pretrained(folder)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise CliError(str(e)) from None
     return model, tokenizer, eos_ids(folder, config)
@@ -378,6 +381,8 @@ def parse_args(argv):
     p.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of tokens of this total probability")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="with --hf: the weights' dtype; bfloat16 keeps a bf16 checkpoint as it is, in half the memory")
     args = p.parse_args(argv)
     if (args.folder is None) == (args.hf is None):
         raise CliError("pass either a folder written by train.py or --hf DIR")
@@ -403,7 +408,9 @@ def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         device = train.pick_device(args.device)
-        model, tokenizer, eos_ids = load_hf(args.hf) if args.hf else load_trained(args.folder)
+        if args.dtype != "float32" and not args.hf:
+            raise CliError("--dtype applies to --hf folders; a folder train.py wrote holds float32 weights")
+        model, tokenizer, eos_ids = load_hf(args.hf, args.dtype) if args.hf else load_trained(args.folder)
         model.to(device).eval()
         if args.image and (args.labels is not None or not hasattr(model, "generate_stream")):
             rank_labels(model, tokenizer, args, device)

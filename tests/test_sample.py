@@ -480,3 +480,23 @@ def test_hugging_face_bad_input(hf_folders, tmp_path, capsys, monkeypatch, chang
 def test_chat_needs_a_hugging_face_folder(trained, capsys):
     assert sample.main([str(trained), "--chat", "--prompt", "Hi"]) == 2
     assert "--chat talks to a Hugging Face instruct model" in capsys.readouterr().err
+
+
+def test_bf16_weights_answer_as_transformers_in_bf16(hf_folders, capsys, prompts_and_answers, tmp_path):
+    """--dtype bfloat16 keeps a bf16 checkpoint's tensors as they are; the answer is transformers' greedy
+    one from the same folder in bf16."""
+    import transformers
+
+    folder, _ = hf_folders["qwen2"]
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(folder, bf16)
+    reference_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    reference_model.save_pretrained(bf16)
+    prompt = "The cat sat"
+    assert sample.main(["--hf", str(bf16), "--dtype", "bfloat16", "--prompt", prompt, "--max-new-tokens", "10",
+                        "--temperature", "0"]) == 0
+    ids = hf_tokenizer(bf16)(prompt, add_special_tokens=False)["input_ids"]
+    assert prompts_and_answers == [(ids, greedy(reference_model, ids, 10))]
+    capsys.readouterr()
+    assert sample.main(["out", "--dtype", "bfloat16", "--prompt", prompt]) == 2
+    assert "--dtype applies to --hf folders" in capsys.readouterr().err
