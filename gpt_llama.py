@@ -438,12 +438,14 @@ class Model(nn.Module):
             model = cls(config)
         tensors, state = read_safetensors(folder), {}
         for name in model.state_dict():
-            # A tied output head is the embedding matrix, which checkpoints store once.
-            tied = name == "output.weight" and config.tie_embeddings
-            hf_name = to_hf_name("tok_embeddings.weight" if tied else name)
+            if name == "output.weight" and config.tie_embeddings:
+                continue  # the embedding matrix, which checkpoints store once; tied again below
+            hf_name = to_hf_name(name)
             if hf_name not in tensors:
                 raise ValueError(f"{folder} lacks the tensor {hf_name}; it is not the whole model of its config.json")
             state[name] = tensors[hf_name].to(dtype)
+        if config.tie_embeddings:
+            state["output.weight"] = state["tok_embeddings.weight"]  # cast once: a copy is the size of the vocabulary
         try:
             model.load_state_dict(state, assign=True)
         except RuntimeError as e:
