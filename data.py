@@ -1110,7 +1110,24 @@ def folder_fingerprint(folder):
     return sha256("\n".join(f"{p.name}\t{p.stat().st_size}\t{t}" for p, t in folder.train + folder.val))
 
 
-class ImageText:
+class ImagePipeline:
+    """What the image pipelines share: pictures and texts from self.data, the texts tokenized by
+    self.tokenizer, which they train, and batches streamed by PairStream."""
+
+    def describe(self):
+        return f"{self.data.describe()}, vocabulary {self.tokenizer.n_vocab}"
+
+    def model_config(self):
+        return {"vocab_size": self.tokenizer.n_vocab}
+
+    def stream(self, config, batch_size, **kwargs):
+        return PairStream(self, config, batch_size, **kwargs)
+
+    def save(self, out_dir):
+        self.tokenizer.save(out_dir)
+
+
+class ImageText(ImagePipeline):
     """Image-caption pairs for a contrastive model: the sigmoid loss on held-out pairs, and zero-shot
     accuracy, the share of held-out images whose own caption ranks first among the candidates."""
 
@@ -1123,12 +1140,6 @@ class ImageText:
         self.tokenizer, key = train_tokenizer(corpus, vocab_size, special_tokens=(PAD,))
         self.fingerprint = {"images": "shapes" if source is None else folder_fingerprint(self.data), "tokenizer": key}
         self.val = None
-
-    def describe(self):
-        return f"{self.data.describe()}, vocabulary {self.tokenizer.n_vocab}"
-
-    def model_config(self):
-        return {"vocab_size": self.tokenizer.n_vocab}
 
     def check(self, config):
         if config.max_seq_len < 2:
@@ -1157,9 +1168,6 @@ class ImageText:
     def batch(self, examples, seed, config):
         pixels, captions = self.data.train_batch(examples, seed, self.preprocess, config.image_size)
         return {"pixel_values": pixels, "input_ids": caption_ids(self.tokenizer, captions, config.max_seq_len)}
-
-    def stream(self, config, batch_size, **kwargs):
-        return PairStream(self, config, batch_size, **kwargs)
 
     def eval_examples(self, config, max_tokens=None):
         return len(self.data.val)
@@ -1224,9 +1232,6 @@ class ImageText:
             lines.append(f"{self.data.labels[mine[answers[i]]]}{tag} -> "
                          + ", ".join(f"{self.data.labels[mine[j]]} {row[j]:.2f}" for j in best))
         return "\n".join(lines)
-
-    def save(self, out_dir):
-        self.tokenizer.save(out_dir)
 
 
 # ------------------------------------------------------------------------------------ prefix LM
@@ -1349,7 +1354,7 @@ class PrefixFolder(ImageFolder):
         return f"{len(self.train):,} training and {len(self.val):,} validation examples of an image, a prefix and a suffix"
 
 
-class PrefixLM:
+class PrefixLM(ImagePipeline):
     """Image, prefix and suffix for a PaliGemma-style model: the text of an example is
     [bos, prefix, "\\n"][suffix, eos][pad ...], cut to the text length, and only suffix and eos are
     scored. val_loss is the mean suffix cross-entropy; val_accuracy the share of validation examples
@@ -1364,12 +1369,6 @@ class PrefixLM:
         self.bos, self.eos, self.pad = (self.tokenizer.special_tokens[t] for t in (BOS, EOS, PAD))
         self.fingerprint = {"images": "shapes-qa" if source is None else folder_fingerprint(self.data), "tokenizer": key}
         self.val = None
-
-    def describe(self):
-        return f"{self.data.describe()}, vocabulary {self.tokenizer.n_vocab}"
-
-    def model_config(self):
-        return {"vocab_size": self.tokenizer.n_vocab}
 
     # -------------------------------------------------------------------------------- text
 
@@ -1430,9 +1429,6 @@ class PrefixLM:
         ids, prefix_len, targets = self.encode(pairs, text_length(config))
         return {"pixel_values": pixels, "input_ids": ids, "prefix_len": prefix_len, "targets": targets,
                 "loss_weight": (targets != -100).sum()}
-
-    def stream(self, config, batch_size, **kwargs):
-        return PairStream(self, config, batch_size, **kwargs)
 
     def eval_examples(self, config, max_tokens=None):
         return len(self.validation(config)[1])
@@ -1515,9 +1511,6 @@ class PrefixLM:
             tag = " [combination never trained on]" if e[4] else ""
             lines.append(f"{e[1]!r} -> {got.strip()!r} ({e[2]!r}){tag}")
         return "\n".join(lines)
-
-    def save(self, out_dir):
-        self.tokenizer.save(out_dir)
 
 
 PIPELINES = {"causal_lm": CausalLM, "image_text": ImageText, "prefix_lm": PrefixLM}
