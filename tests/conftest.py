@@ -55,3 +55,16 @@ def wait_for_step(proc, step):
         if line.startswith("step ") and "loss" in line and int(line.split()[1].split("/")[0]) >= step:
             return
     pytest.fail(f"the run ended before step {step}: {proc.stderr.read()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (pytestmark = pytest.mark.usefixtures("one_thread")): a second thread
+    gains nothing, and on cores that other jobs keep busy the threads of each operation wait on one
+    another, which made such a file ten times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,13 +12,7 @@ from conftest import reference  # noqa: E402
 transformers = reference("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: a second thread gains nothing and waits on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 VOCAB, IMAGE_TOKEN = 80, 80  # the image placeholder lies outside the text vocabulary, as in the released models

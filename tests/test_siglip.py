@@ -21,13 +21,7 @@ from conftest import ROOT, reference  # noqa: E402
 transformers = reference("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: a second thread gains nothing and waits on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 # Two shapes of model: powers of two, and odd sizes (3 heads, 30-pixel images in 6-pixel patches, a text
