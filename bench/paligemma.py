@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import paligemma  # noqa: E402
-from timing import best_times  # noqa: E402
+from timing import best_times, chosen_shapes, quiet_transformers  # noqa: E402
 
 
 CONTENDERS = ("ours", "transformers sdpa", "transformers eager")
@@ -205,15 +205,9 @@ def main():
                         help="also run `python train.py --model paligemma` (about 5 minutes) and print its accuracies")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    transformers = quiet_transformers()
     all_shapes = shapes()
-    names = args.shapes.split(",")
-    unknown = set(names) - set(all_shapes)
-    if unknown:
-        parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(all_shapes)}")
+    names = chosen_shapes(parser, args.shapes, all_shapes)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} "
           f"thread(s); training steps (forward, suffix loss, backward, AdamW) in examples/s, greedy decoding in "
           f"new tokens/s; targets: ours / sdpa >= 1.2x (training), >= 2x (decoding)\n")

@@ -34,7 +34,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import siglip  # noqa: E402
-from timing import best_times  # noqa: E402
+from timing import best_times, chosen_shapes, quiet_transformers  # noqa: E402
 
 
 CONTENDERS = ("ours", "ours (same_text)", "transformers sdpa", "transformers eager")
@@ -124,15 +124,9 @@ def main():
     parser.add_argument("--shapes", default="recipe,vit-ti", help="comma-separated: recipe, vit-ti")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    transformers = quiet_transformers()
     all_shapes = shapes()
-    names = args.shapes.split(",")
-    unknown = set(names) - set(all_shapes)
-    if unknown:
-        parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(all_shapes)}")
+    names = chosen_shapes(parser, args.shapes, all_shapes)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} "
           f"thread(s); training steps (forward, sigmoid loss, backward, AdamW) in image-text pairs/s\n")
     print("| shape | ours | ours (same_text) | transformers sdpa | transformers eager | ours / sdpa | ours / eager |")

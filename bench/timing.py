@@ -1,4 +1,4 @@
-"""Timing shared by the benchmarks: the best of several turns, contenders taking turns.
+"""What the benchmarks share: the best of several turns, contenders taking turns, and their setup.
 
 On shared cores noise only ever slows a run down, so the best time of each contender is the one
 closest to what the code costs, and taking turns spreads any slow spell over all of them.
@@ -25,3 +25,21 @@ def best_times(contenders, repeats, setup=lambda: None):
         for i, fn in enumerate(contenders):
             best[i] = min(best[i], timed(fn))
     return best
+
+
+def quiet_transformers():
+    """transformers, imported late (after --threads is set) and without its warnings and progress bars."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+def chosen_shapes(parser, text, all_shapes):
+    """The names in the comma-separated text, each a key of all_shapes, else parser's error."""
+    names = text.split(",")
+    unknown = set(names) - set(all_shapes)
+    if unknown:
+        parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(all_shapes)}")
+    return names
