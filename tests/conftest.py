@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,15 @@ def wait_for_step(proc, step):
         if line.startswith("step ") and "loss" in line and int(line.split()[1].split("/")[0]) >= step:
             return
     pytest.fail(f"the run ended before step {step}: {proc.stderr.read()[-2000:]}")
+
+
+def stop_at_step(argv, step, sig=signal.SIGINT):
+    """Start train.py with argv, send it sig once it has logged step, and wait: (return code, stderr)."""
+    proc = start_train(argv)
+    wait_for_step(proc, step)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
 
 
 @pytest.fixture(scope="module")

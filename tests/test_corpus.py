@@ -10,7 +10,7 @@ import torch
 
 import data
 import train
-from conftest import start_train, wait_for_step  # noqa: E402
+from conftest import stop_at_step  # noqa: E402
 from test_train import TINY, weights
 
 # Documents of different lengths and kinds of text, one of them a duplicate.
@@ -222,10 +222,7 @@ def test_training_on_shards_resumes_bit_identically_after_a_kill(tmp_path, monke
     assert train.main([*common, "--out", str(tmp_path / "straight")]) == 0
     out = tmp_path / "stopped"
     # The subprocess makes shards of the default size: the batches do not depend on the shard size.
-    proc = start_train([*common, "--out", str(out)])
-    wait_for_step(proc, 8)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    stop_at_step([*common, "--out", str(out)], 8, signal.SIGKILL)
     assert torch.load(out / "state.pt", weights_only=True)["step"] in (6, 12)
     assert train.main([*common, "--out", str(out)]) == 0
     a, b = weights(tmp_path / "straight"), weights(out)

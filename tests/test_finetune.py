@@ -5,7 +5,6 @@ the result, and bad input."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import gpt_llama
 import sample
 import train
 
-from conftest import reference, start_train, wait_for_step  # noqa: E402
+from conftest import reference, stop_at_step  # noqa: E402
 
 transformers = reference("transformers")
 
@@ -97,11 +96,8 @@ def test_resume_after_sigint_is_bit_identical(env):
     assert run(env, env / "straight", *common) == 0
     out = env / "stopped"
     argv = ["--init", str(env / "hf"), "--data", str(env / "corpus.txt"), "--out", str(out), *COMMON, *common]
-    proc = start_train(argv)
-    wait_for_step(proc, 3)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    code, err = stop_at_step(argv, 3)
+    assert code == 0, err
     assert 3 <= torch.load(out / "state.pt", weights_only=True)["step"] < 300
     assert run(env, out, *common) == 0
     a, b = load_file(env / "straight" / "model.safetensors"), load_file(out / "model.safetensors")

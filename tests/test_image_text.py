@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import types
@@ -21,7 +20,7 @@ import sample
 import siglip
 import train
 
-from conftest import start_train, wait_for_step  # noqa: E402
+from conftest import stop_at_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "siglip", "--set", "image_size=16", "--set", "patch_size=4", "--set", "vision_dim=32",
@@ -259,11 +258,8 @@ def test_resume_after_sigint_is_bit_identical(env):
               "--sample-tokens", "0"]
     assert train.main([*common, "--out", str(env / "straight")]) == 0
     out = env / "stopped"
-    proc = start_train([*common, "--out", str(out)])
-    wait_for_step(proc, 5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    code, err = stop_at_step([*common, "--out", str(out)], 5)
+    assert code == 0, err
     assert 5 <= torch.load(out / "state.pt", weights_only=True)["step"] < 16
     assert train.main([*common, "--out", str(out)]) == 0
     a, b = weights(env / "straight"), weights(out)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import train
 
-from conftest import start_train, wait_for_step  # noqa: E402
+from conftest import start_train, stop_at_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--vocab-size", "300", "--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=2", "--set", "n_kv_heads=1",
@@ -79,18 +79,12 @@ def test_resume_after_sigkill_and_sigint_is_bit_identical(env):
     assert train.main(args(env, env / "straight", *common)) == 0
 
     out = env / "stopped"
-    proc = start_train(args(env, out, *common))
-    wait_for_step(proc, 10)
-    proc.send_signal(signal.SIGKILL)  # between two checkpoints: the work since step 10 is lost
-    proc.wait()
+    stop_at_step(args(env, out, *common), 10, signal.SIGKILL)  # between two checkpoints: the work since step 10 is lost
     killed_at = torch.load(out / "state.pt", weights_only=True)["step"]
     assert killed_at in (8, 16)
 
-    proc = start_train(args(env, out, *common))
-    wait_for_step(proc, killed_at + 3)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    code, err = stop_at_step(args(env, out, *common), killed_at + 3)
+    assert code == 0, err
     interrupted_at = torch.load(out / "state.pt", weights_only=True)["step"]
     assert killed_at < interrupted_at < 24
 
