@@ -266,6 +266,8 @@ def parse_args(argv):
     known = pre.parse_known_args(argv)[0]
     name = known.model or DEFAULT_MODEL
     if known.init is not None:
+        if not known.init.strip():
+            raise CliError("--init must name a checkpoint folder")
         name = folder_model(known.init)
         if known.model not in (None, name):
             raise CliError(f"--init {known.init} holds a {name} model, not {known.model}; leave --model out with --init")
@@ -376,6 +378,8 @@ def check_flags(args):
             raise CliError(f"--{flag.replace('_', '-')} must be {allowed}, got {value}")
     if not args.time_budget and args.max_steps is None:
         raise CliError("with --time-budget 0, give --max-steps, or the run would never end")
+    if not args.text_field.strip():
+        raise CliError("--text-field must name a field, such as text")
 
 
 def default_out(model, source):

@@ -200,6 +200,8 @@ def test_cli_exit_code_and_help(capsys):
     (["--seed", "-3"], "--seed must be"), (["--eval-every", "-1"], "--eval-every must be"),
     (["--eval-tokens", "-5"], "--eval-tokens must be"), (["--ckpt-every", "-1"], "--ckpt-every must be"),
     (["--threads", "-1"], "--threads must be"), (["--workers", "0"], "--workers must be"), (["--loader-workers", "-1"], "--loader-workers must be"),
+    (["--workers", "-2"], "--workers must be"), (["--text-field", " "], "--text-field must name"),
+    (["--init", ""], "--init must name"),
     (["--peak-flops", "0"], "--peak-flops must be"), (["--sample-tokens", "-1"], "--sample-tokens must be"),
     (["--time-budget", "nan"], "--time-budget must be"), (["--batch-size", "0"], "--batch-size must be"),
     (["--grad-accum", "0"], "--grad-accum must be"), (["--max-steps", "0"], "--max-steps must be"),
