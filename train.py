@@ -863,13 +863,13 @@ class Run:
         # tokens (answers of different lengths), the pipeline says how many in loss_weight, and each mean
         # counts by its share of the whole step, over every micro-batch and process: the step is then
         # that of one big batch. DDP averages the gradients over processes, hence the factor world.
-        weighted = "loss_weight" in micro_batches[0]
-        weights = torch.stack([b.pop("loss_weight") if weighted else torch.tensor(1) for b in micro_batches]).double()
-        total = weights.sum() * (1 if weighted else self.world)
-        if weighted and self.ddp:  # the same on every rank, since every rank runs the same pipeline
-            total = total.to(self.device)
-            dist.all_reduce(total)
-        scales = (weights * self.world / total.cpu()).tolist()
+        scales = [1 / args.grad_accum] * args.grad_accum
+        if "loss_weight" in micro_batches[0]:  # then in every batch of every rank: they run the same pipeline
+            weights = torch.stack([b.pop("loss_weight") for b in micro_batches]).double()
+            total = weights.sum().to(self.device)
+            if self.ddp:
+                dist.all_reduce(total)
+            scales = (weights * self.world / total.cpu()).tolist()
         loss_sum = torch.zeros((), device=self.device)
         for micro, (batch, scale) in enumerate(zip(micro_batches, scales)):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
