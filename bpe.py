@@ -1,5 +1,4 @@
-"""Byte-level BPE: train a vocabulary, then encode and decode exactly like tiktoken; or read a Hugging
-Face tokenizer.json and encode exactly like the `tokenizers` library.
+"""Byte-level BPE: train a vocabulary, then encode and decode exactly like tiktoken.
 
 Byte-pair encoding (Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword
 Units") starts from single symbols and repeatedly joins the most frequent adjacent pair into a new
@@ -13,27 +12,17 @@ and the rank is also the merge priority. Encoding a chunk starts from its bytes 
 the adjacent pair whose concatenation has the lowest rank (the leftmost one on a tie) until no
 adjacent pair is in the vocabulary. With the same ranks and split pattern this gives exactly
 tiktoken's ids; `train` produces ranks in that format, and `Tokenizer.save` writes tiktoken's rank
-file, so a trained tokenizer can be handed to `tiktoken.Encoding` unchanged.
+file, so a trained tokenizer can be handed to `tiktoken.Encoding` unchanged. Tokenizer also reads
+tiktoken's rank files and Meta's Llama 3 tokenizer.model. (Hugging Face tokenizer.json files, which
+rank pairs rather than tokens, are read by hf_tokenizer.py, built on this file.)
 
-The other common format, a Hugging Face tokenizer.json (GPT-2, Llama 3, Qwen2, SmolLM2), ranks pairs
-rather than tokens: `Tokenizer.from_hf` reads it into an HFTokenizer, which has the same interface and
-merges as the `tokenizers` library does (its docstring says when that agrees with tiktoken's rule).
-
-The split classifies characters (letter, digit, mark, space) by the tables of Unicode 16.0, as tiktoken
-and `tokenizers` do, whichever Unicode version the installed `regex` knows (see "Unicode version"
-below), so the ids equal tiktoken's on every code point. One known difference remains: where one
-special token is a prefix of another (no encoding of tiktoken's or Llama 3's has such a pair), tiktoken
-picks among those that start at the same place in the order of its hash map; `encode` takes the longest.
-
-Training (`train`) is the textbook loop, made fast the usual way:
-  1. split the corpus into chunks and count identical chunks once (a corpus has far fewer distinct
-     chunks than chunks);
-  2. count adjacent pairs, each weighted by its chunk's frequency;
-  3. keep, for each pair, the set of distinct chunks that contain it;
-  4. after a merge, rewrite only those chunks and adjust only the pair counts that changed;
-  5. take the next merge from a max-heap whose stale entries are skipped when popped.
-Ties are broken deterministically: the highest count wins, then the pair whose
-(left token bytes, right token bytes) is lexicographically smallest.
+The file reads top to bottom: the split patterns, the merge of one chunk, `train`, and `Tokenizer`
+(encode, decode, save, load). What makes it exact and fast comes after that: splitting by the tables
+of Unicode 16.0, as tiktoken does, whichever Unicode version the installed `regex` knows (so that the
+ids equal tiktoken's on every code point); a faster split of ASCII text; a heap for long chunks; and
+a cache of the ids of chunks already seen. One known difference remains: where one special token is
+a prefix of another (no encoding of tiktoken's or Llama 3's has such a pair), tiktoken picks among
+those that start at the same place in the order of its hash map; `encode` takes the longest.
 
 Shapes: `encode` returns a list[int] of token ids; `decode` takes any sequence of ints (or a tensor /
 array with `.tolist()`).
@@ -46,16 +35,15 @@ import os
 import re
 import sys
 import time
-import unicodedata
 from collections import Counter, defaultdict, deque
-from typing import NamedTuple
 
 import regex
 
 # -----------------------------------------------------------------------------
 # Split patterns: tiktoken's, Llama 3's and Qwen2's strings, letter for letter. `regex` understands \p{..}
 # classes and possessive quantifiers, and its \s is Unicode White_Space like Rust's, so it splits as
-# tiktoken and `tokenizers` do.
+# tiktoken and `tokenizers` do; `splitter(pattern)` (below) is `regex.compile(pattern).findall`, made
+# exact and fast.
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
@@ -96,137 +84,15 @@ LLAMA3_SPECIAL_TOKENS = [
 ] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
 
 # -----------------------------------------------------------------------------
-# Unicode version. What \p{L}, \p{N}, \p{M}, \s, ... match comes from the tables of one Unicode version,
-# and each library has its own. tiktoken 0.8 to 0.14 (Rust's regex crate) and the `tokenizers` library
-# 0.22 and 0.23 (Oniguruma) split by Unicode 16.0 (tiktoken 0.7 by 15.0). `regex` follows the newest
-# Unicode: its releases 2024.9.11 to 2025.9.18 have 16.0, 2025.10.22 has 17.0, 2026.9.29 has 18.0. (Each
-# of these was measured by running every code point through every class in each library.) To a newer
-# `regex`, a character that Unicode 17 or 18 assigned is a letter, mark or digit, while tiktoken finds it
-# unassigned, and the two split text around it differently: Hebrew with U+05C8 encodes to other ids under
-# o200k, for one. `regex` cannot be asked for an older version's tables, so the text it splits is
-# translated first: every code point that Unicode 17.0 and 18.0 assigned becomes U+FDD0, a noncharacter,
-# which every Unicode version leaves unassigned, and U+0295, which Unicode 17 moved from Ll to Lo, becomes
-# U+0138, an Ll letter in every version. The translation keeps each character in its place, so the
-# chunks are then cut from the original text at the same offsets. A `regex` release with Unicode 19 will
-# need its additions listed here (the tests run all of Unicode through both libraries).
-
-# The code points that Unicode 17.0 and 18.0 assigned, as `regex` 2026.11.19 knows them.
-_ASSIGNED_AFTER_UNICODE_16 = """
-0558 058B-058C 05C8-05C9 088F 0B53-0B54 0C5C 0CDC 1ACF-1AF0 208F 209D-209F 20C1-20C4 2B96 2E60-2E63
-A7CE-A7CF A7D2 A7D4 A7DD A7E2 A7F1 AB6C-AB6D FBC3-FBD2 FD90-FD91 FDC8-FDCE 107BB-107BF 10940-10959
-10EC5-10EC7 10EC9-10EEE 10EF0-10EFB 11B0A 11B60-11B67 11DB0-11DDB 11DE0-11DE9 11DF0-11DF1 1246F
-12475-1247F 12550-12686 16EA0-16EB8 16EBB-16ED3 16FF2-16FF6 187F8-187FF 18CD6-18CDA 18D09-18D20
-18D80-18DF2 18E00-19191 191A0-191D2 1B123-1B128 1B168 1CCFA-1CCFC 1CEBA-1CED0 1CED2-1CED4 1CEDD-1CEFD
-1D127-1D128 1D1EB-1D1FF 1D250-1D281 1D6A6 1DB00-1DB1C 1DF1F-1DF24 1DF2B-1DF81 1DF90-1DF96 1DFCD-1DFFF
-1E6C0-1E6DE 1E6E0-1E6F5 1E6FE-1E6FF 1F1AE 1F6D8-1F6D9 1F777-1F77A 1F7DA-1F7DB 1F7F1-1F7FF 1F8D0-1F8D8
-1FA54-1FA57 1FA8A-1FA8E 1FAC8 1FACC-1FACD 1FADD 1FAEA-1FAEB 1FAEF 1FAF9-1FAFA 1FBFA 2B73A-2B73F 2B81E
-2CEA2-2CEAD 323B0-33479 3D000-3FC3F
-"""
-_RANGES_AFTER_UNICODE_16 = [(int(a, 16), int(b or a, 16)) for a, _, b in (r.partition("-") for r in _ASSIGNED_AFTER_UNICODE_16.split())]
-_TO_UNICODE_16 = {c: 0xFDD0 for a, b in _RANGES_AFTER_UNICODE_16 for c in range(a, b + 1)} | {0x295: 0x138}
-# Finding them must be fast, as all text is searched. `re` tests a character against BMP ranges with a
-# bitmap but against astral ranges one range at a time (20 times slower here), so this set takes every
-# astral character, to be looked up one by one.
-_MAYBE_AFTER_UNICODE_16 = re.compile(
-    "[\u0295" + "".join(f"{chr(a)}-{chr(b)}" for a, b in _RANGES_AFTER_UNICODE_16 if b < 0x10000) + "\U00010000-\U0010FFFF]"
-)
-
-
-def _as_unicode_16(text: str) -> str:
-    """`text` with the characters above translated, each in its place; `text` itself if it has none."""
-    if not text.isascii():
-        for m in _MAYBE_AFTER_UNICODE_16.finditer(text):
-            if ord(m.group()) in _TO_UNICODE_16:
-                return text.translate(_TO_UNICODE_16)
-    return text
-
-
-# -----------------------------------------------------------------------------
-# Splitting text into chunks, fast. Three rewrites of the patterns above, each exact:
-
-# `regex` runs possessive quantifiers (`++`, `?+`, ...) about 20% slower than plain greedy ones. In
-# GPT-2's and cl100k's patterns nothing that follows a possessive quantifier can fail in a way that
-# backtracking would repair (`\s+$` included: a run of whitespace reaches the end of the text or it
-# does not), so these plain versions split identically; the tests check them against tiktoken.
-_FASTER_EQUIVALENT = {
-    GPT2_PATTERN: r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+$|\s+(?!\S)|\s""",
-    CL100K_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+$|\s*[\r\n]|\s+(?!\S)|\s""",
-}
-
-# On text without a non-ASCII character \p{L} is [a-zA-Z], \p{N} is [0-9], the other letter and
-# mark classes are empty, and `re.ASCII`'s \s is exactly the ASCII part of Unicode's White_Space. So
-# these translations split ASCII text exactly as the originals do, and the standard library's `re`
-# runs them about twice as fast as `regex` runs the originals.
-_ASCII_EQUIVALENT = {
-    GPT2_PATTERN: r"""'(?:[sdmt]|ll|ve|re)| ?[a-zA-Z]+| ?[0-9]+| ?[^\sa-zA-Z0-9]+|\s+$|\s+(?!\S)|\s""",
-    CL100K_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\na-zA-Z0-9]?[a-zA-Z]+|[0-9]{1,3}| ?[^\sa-zA-Z0-9]+[\r\n]*|\s+$|\s*[\r\n]|\s+(?!\S)|\s""",
-    O200K_PATTERN: r"""[^\r\na-zA-Z0-9]?[A-Z]*[a-z]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\na-zA-Z0-9]?[A-Z]+[a-z]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[0-9]{1,3}| ?[^\sa-zA-Z0-9]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
-    LLAMA3_PATTERN: r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\na-zA-Z0-9]?[a-zA-Z]+|[0-9]{1,3}| ?[^\sa-zA-Z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
-    QWEN2_PATTERN: r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\na-zA-Z0-9]?[a-zA-Z]+|[0-9]| ?[^\sa-zA-Z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
-}
-# tokenizers' ByteLevel regex makes GPT-2's chunks (see above), so it takes GPT-2's faster forms.
-_FASTER_EQUIVALENT[BYTE_LEVEL_PATTERN] = _FASTER_EQUIVALENT[GPT2_PATTERN]
-_ASCII_EQUIVALENT[BYTE_LEVEL_PATTERN] = _ASCII_EQUIVALENT[GPT2_PATTERN]
-_LONG_ASCII = re.compile(r"[\x00-\x7f]{256,}")
-_CUT = re.compile(r"(?<=\S) ")  # `re`'s \S excludes a few non-White_Space controls too: fewer cuts, still safe
-
-
-def splitter(pattern: str):
-    """A function text -> chunks, equal to `regex.compile(pattern).findall` on Unicode 16's tables
-    (see "Unicode version" above) but faster.
-
-    Mostly-ASCII text is cut into long ASCII stretches, split by `re` with the ASCII translation, and
-    the rest, split by `regex`. The cuts go before a space that follows a non-space: in all the
-    known patterns no chunk runs from a non-space into a following space (a chunk takes a space only
-    as its first character or within a run of whitespace), and whether a chunk matches depends on
-    nothing to its left, nor (lookaheads and `$` being reached only inside runs of whitespace) on
-    anything right of such a cut. So splitting the pieces separately gives the same chunks.
-    """
-    compiled = regex.compile(_FASTER_EQUIVALENT.get(pattern, pattern))
-
-    def slow(text: str) -> list:
-        translated = _as_unicode_16(text)
-        if translated is text:
-            return compiled.findall(text)
-        return [text[m.start() : m.end()] for m in compiled.finditer(translated)]
-
-    if pattern not in _ASCII_EQUIVALENT:
-        return slow
-    fast = re.compile(_ASCII_EQUIVALENT[pattern], re.ASCII).findall
-
-    def split(text: str) -> list:
-        if text.isascii():
-            return fast(text)
-        chunks, done = [], 0
-        for run in _LONG_ASCII.finditer(text):
-            cut = _CUT.search(text, run.start(), run.end())
-            start = 0 if run.start() == 0 else cut.start() if cut else run.end()
-            end = run.end()
-            if end < len(text):  # back off to the last cut inside the run
-                end = text.rfind(" ", start + 1, end)
-                while end > start and text[end - 1].isspace():
-                    end = text.rfind(" ", start + 1, end)
-            if end > start:
-                chunks += slow(text[done:start])
-                chunks += fast(text[start:end])
-                done = end
-        chunks += slow(text[done:])
-        return chunks
-
-    return split
-
-
-# -----------------------------------------------------------------------------
 # Encoding one chunk
 
 _NO_RANK = 1 << 62  # larger than any rank: "this pair cannot merge"
-_LONG_CHUNK = 64  # bytes; longer chunks are merged with a heap instead of linear scans
 
 
 def bpe_merge(piece: bytes, ranks: dict) -> list:
     """Token ids of one chunk: merge the lowest-ranked adjacent pair (leftmost on a tie) until none is left."""
     if len(piece) > _LONG_CHUNK:
-        return _bpe_merge_long(piece, ranks)
+        return _bpe_merge_long(piece, ranks)  # the same merges, without the quadratic scans (below)
     get = ranks.get
     # starts[i] is where part i begins; pair[i] is the rank of part i joined with part i + 1.
     starts = list(range(len(piece) + 1))
@@ -242,43 +108,6 @@ def bpe_merge(piece: bytes, ranks: dict) -> list:
         if i > 0:
             pair[i - 1] = get(piece[starts[i - 1] : starts[i + 1]], _NO_RANK)
     return [ranks[piece[s:e]] for s, e in zip(starts, starts[1:])]
-
-
-def _bpe_merge_long(piece: bytes, ranks: dict) -> list:
-    """The same merges in O(n log n): a heap of (rank, start) over a linked list of parts.
-
-    A linear scan per merge is quadratic, which a chunk like 100k repeated letters makes felt. Heap
-    entries go stale when a neighbour merges; an entry is used only if the part still starts there and
-    its pair with the next part still has that rank (a rank names one byte string, so that suffices).
-    """
-    get = ranks.get
-    n = len(piece)
-    nxt = list(range(1, n + 2))  # nxt[s]: where the part starting at s ends; n + 1 past the last
-    prv = list(range(-1, n))
-    alive = [True] * (n + 1)
-    heap = [(r, i) for i in range(n - 1) if (r := get(piece[i : i + 2])) is not None]
-    heapq.heapify(heap)
-    while heap:
-        r, s = heapq.heappop(heap)
-        if not alive[s] or nxt[s] >= n:
-            continue
-        e = nxt[nxt[s]]
-        if get(piece[s:e]) != r:
-            continue
-        alive[nxt[s]] = False  # the part starting at s absorbs its right neighbour
-        nxt[s] = e
-        if e <= n:
-            prv[e] = s
-        if e < n and (r := get(piece[s : nxt[e]])) is not None:
-            heapq.heappush(heap, (r, s))
-        p = prv[s]
-        if p >= 0 and (r := get(piece[p:e])) is not None:
-            heapq.heappush(heap, (r, p))
-    ids, s = [], 0
-    while s < n:
-        ids.append(ranks[piece[s : nxt[s]]])
-        s = nxt[s]
-    return ids
 
 
 def _rank_encoder(ranks: dict):
@@ -298,599 +127,11 @@ def _rank_encoder(ranks: dict):
     return encode_chunk
 
 
-class _ChunkCache(dict):
-    """chunk (str) -> its token ids; a chunk seen for the first time is encoded on the spot."""
-
-    def __init__(self, encode_chunk):
-        self.encode_chunk = encode_chunk
-
-    def __missing__(self, chunk: str) -> list:
-        ids = self[chunk] = self.encode_chunk(chunk)
-        return ids
-
-
-# -----------------------------------------------------------------------------
-# The tokenizer
-
-
-class _TokenizerBase:
-    """What Tokenizer and HFTokenizer share: tiktoken's `encode` interface to special tokens, the cache of
-    chunk ids, and decoding. A subclass calls `_setup` and defines `_encode_text(text, allowed)`: the ids
-    of `text` in which the special tokens in `allowed`, and no others, are encoded as special tokens."""
-
-    _CACHE_SIZE = 1 << 20
-
-    def _setup(self, special_tokens: dict, decoder: dict, encode_chunk) -> None:
-        self.special_tokens = special_tokens
-        self._decoder = decoder  # id -> bytes, special tokens included
-        self._n_vocab = max(decoder, default=-1) + 1
-        self._special_regexes = {}  # frozenset of special tokens -> regex that finds them
-        # Real text repeats chunks so often that after the first few kilobytes almost every chunk is
-        # a cache hit; the cache is cleared when it grows past _CACHE_SIZE.
-        self._cache = _ChunkCache(encode_chunk)
-
-    @property
-    def n_vocab(self) -> int:
-        """The largest id plus one, special tokens included."""
-        return self._n_vocab
-
-    # ---- encoding
-
-    def encode_ordinary(self, text: str) -> list:
-        """Ids of `text`, treating special-token strings as ordinary text."""
-        return self._encode(text, frozenset())
-
-    def encode(self, text: str, allowed_special=frozenset(), disallowed_special="all") -> list:
-        """Ids of `text`. As in tiktoken, special tokens are encoded only if allowed, and text that
-        contains a disallowed one (by default every special token not allowed) raises ValueError."""
-        if allowed_special == "all":
-            allowed_special = self.special_tokens.keys()
-        allowed_special = frozenset(self.special_tokens.keys() & set(allowed_special))  # unknown names are ignored, as in tiktoken
-        if disallowed_special == "all":
-            disallowed_special = self.special_tokens.keys() - allowed_special
-        if disallowed_special and (m := self._specials_regex(frozenset(disallowed_special)).search(text)):
-            raise ValueError(
-                f"text contains the special token {m.group()!r}; pass allowed_special={{{m.group()!r}}} to encode "
-                f"it as a special token, or disallowed_special=() to encode it as ordinary text"
-            )
-        return self._encode(text, allowed_special)
-
-    def _encode(self, text: str, allowed: frozenset) -> list:
-        try:
-            return self._encode_text(text, allowed)
-        except UnicodeEncodeError:
-            # Lone surrogates cannot be UTF-8 encoded; tiktoken replaces them (and joins valid
-            # surrogate pairs) this way, so we do the same to give its ids.
-            return self._encode_text(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), allowed)
-
-    def _encode_chunks(self, chunks: list) -> list:
-        if len(self._cache) > self._CACHE_SIZE:
-            self._cache.clear()
-        ids = []
-        # The loop's work happens in C: a cache hit is a dict lookup, and `extend` copies the ids.
-        deque(map(ids.extend, map(self._cache.__getitem__, chunks)), maxlen=0)
-        return ids
-
-    def _specials_regex(self, specials: frozenset):
-        if specials not in self._special_regexes:
-            self._special_regexes[specials] = _longest_first(specials)
-        return self._special_regexes[specials]
-
-    # ---- decoding
-
-    def decode_bytes(self, ids) -> bytes:
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
-        try:
-            return b"".join(map(self._decoder.__getitem__, ids))
-        except KeyError as e:
-            raise ValueError(f"token id {e.args[0]!r} is not in the vocabulary (n_vocab={self.n_vocab})") from None
-
-    def decode(self, ids, errors: str = "replace") -> str:
-        """Text of `ids`; byte sequences that are not valid UTF-8 become U+FFFD, as in tiktoken."""
-        return self.decode_bytes(ids).decode("utf-8", errors=errors)
-
-
-def _longest_first(strings):
-    """A regex that finds any of `strings`: the leftmost, and of those starting there the longest."""
-    return regex.compile("|".join(map(regex.escape, sorted(strings, key=len, reverse=True))))
-
-
-class Tokenizer(_TokenizerBase):
-    """Byte-level BPE with tiktoken's interface: ids equal tiktoken's for the same ranks and pattern."""
-
-    def __init__(self, mergeable_ranks: dict, pattern: str, special_tokens: dict | None = None):
-        special_tokens = dict(special_tokens or {})
-        ids = set(mergeable_ranks.values())
-        if len(ids) != len(mergeable_ranks):
-            raise ValueError("mergeable_ranks gives the same rank to two tokens; every rank must be unique")
-        clash = [t for t, i in special_tokens.items() if i in ids]
-        if clash:
-            raise ValueError(f"special token {clash[0]!r} reuses an id of mergeable_ranks; give it a free id")
-        self.mergeable_ranks = mergeable_ranks
-        self.pattern = pattern
-        self._split = splitter(pattern)
-        decoder = {i: t for t, i in mergeable_ranks.items()}
-        decoder.update((i, t.encode("utf-8")) for t, i in special_tokens.items())
-        self._setup(special_tokens, decoder, _rank_encoder(mergeable_ranks))
-
-    def __repr__(self):
-        return f"<Tokenizer {len(self.mergeable_ranks)} ranks, {len(self.special_tokens)} special tokens>"
-
-    def _encode_text(self, text: str, allowed: frozenset) -> list:
-        if not allowed:
-            return self._encode_chunks(self._split(text))
-        ids, start = [], 0
-        for m in self._specials_regex(allowed).finditer(text):
-            ids += self._encode_chunks(self._split(text[start : m.start()]))
-            ids.append(self.special_tokens[m.group()])
-            start = m.end()
-        ids += self._encode_chunks(self._split(text[start:]))
-        return ids
-
-    # ---- files
-
-    def save(self, directory) -> None:
-        """Write `tokenizer.tiktoken` (tiktoken's rank file) and `tokenizer.json` (pattern and specials)."""
-        os.makedirs(directory, exist_ok=True)
-        ranks = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
-        lines = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks)
-        meta = json.dumps({"pattern": self.pattern, "special_tokens": self.special_tokens}, indent=1, ensure_ascii=False)
-        _write_atomic(os.path.join(directory, "tokenizer.tiktoken"), lines)
-        _write_atomic(os.path.join(directory, "tokenizer.json"), meta + "\n")
-
-    @classmethod
-    def load(cls, directory) -> "Tokenizer":
-        path = os.path.join(directory, "tokenizer.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                meta = json.load(f)
-            pattern, special_tokens = meta["pattern"], meta["special_tokens"]
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no {path}; save a tokenizer there first with Tokenizer.save") from None
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path} is not a tokenizer.json with 'pattern' and 'special_tokens'; save it again") from None
-        return cls.from_rank_file(os.path.join(directory, "tokenizer.tiktoken"), pattern, special_tokens)
-
-    @classmethod
-    def from_rank_file(cls, path, pattern: str, special_tokens: dict | None = None) -> "Tokenizer":
-        """Load a tiktoken rank file: one `<base64 token> <rank>` per line."""
-        return cls(read_rank_file(path), pattern, special_tokens)
-
-    @classmethod
-    def from_llama3(cls, path) -> "Tokenizer":
-        """Load Meta's Llama 3 `tokenizer.model` (a tiktoken rank file) with Llama 3's pattern and specials."""
-        ranks = read_rank_file(path)
-        specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        return cls(ranks, LLAMA3_PATTERN, specials)
-
-    @classmethod
-    def from_tiktoken(cls, name: str) -> "Tokenizer":
-        """Wrap an encoding that `tiktoken.get_encoding(name)` can load."""
-        import tiktoken
-
-        enc = tiktoken.get_encoding(name)
-        return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens)
-
-    @staticmethod
-    def from_hf(path) -> "HFTokenizer":
-        """Read a Hugging Face `tokenizer.json` (or the folder that holds one) whose model is byte-level
-        BPE, as GPT-2's, Llama 3's, Qwen2's and SmolLM2's are. It merges as the `tokenizers` library does,
-        which tiktoken's ranks cannot always express, so it is an HFTokenizer (below), with the same
-        encode / decode interface and the same ids as the `tokenizers` library."""
-        return HFTokenizer.from_file(path)
-
-
-def read_rank_file(path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no rank file at {path}; pass the path of a .tiktoken / tokenizer.model file") from None
-    ranks, seen = {}, set()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            token, rank = line.split()
-            token, rank = base64.b64decode(token, validate=True), int(rank)
-        except ValueError:
-            raise ValueError(f"{path}, line {lineno}: expected '<base64 token> <rank>', got {line[:80]!r}") from None
-        if rank in seen:
-            raise ValueError(f"{path}, line {lineno}: rank {rank} appears twice; every rank must be unique")
-        if token in ranks:
-            raise ValueError(f"{path}, line {lineno}: token {token!r} appears twice; every token must be unique")
-        seen.add(rank)
-        ranks[token] = rank
-    if not ranks:
-        raise ValueError(f"{path} holds no ranks; it is not a tiktoken rank file")
-    return ranks
-
-
-def _write_atomic(path, text: str) -> None:
-    """Write to a temp file beside path, then rename it onto path: a crash never leaves half a file."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # open() gives it the usual permissions, unlike mkstemp's 0600
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-# -----------------------------------------------------------------------------
-# Hugging Face tokenizer.json
-
-
-def _byte_level_alphabet() -> str:
-    """GPT-2's printable stand-ins for the 256 bytes, as a string indexed by byte value.
-
-    A byte that is a printable non-space Latin-1 character (! to ~, ¡ to ¬, ® to ÿ) stands for itself,
-    and the other 68 (controls, space, no-break space, soft hyphen) take U+0100 onwards in byte order,
-    so that Ġ (U+0120) is the space. A byte-level vocabulary spells its tokens in these characters.
-    """
-    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    others = iter(range(0x100, 0x200))
-    return "".join(chr(b) if b in printable else chr(next(others)) for b in range(256))
-
-
-BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
-_BYTE_OF = {c: b for b, c in enumerate(BYTE_LEVEL_ALPHABET)}
-
-
-def _byte_level_bytes(token: str) -> bytes:
-    """What tokenizers' ByteLevel decoder makes of one token: the bytes its characters stand for, or, if
-    one of them is not in the alphabet (an added token such as '<b c>'), the token's own UTF-8."""
-    try:
-        return bytes(map(_BYTE_OF.__getitem__, token))
-    except KeyError:
-        return token.encode("utf-8")
-
-
-_SPACE = regex.compile(r"\s")  # Unicode's White_Space, as the \s of Rust's regex crate
-_WORD = regex.compile(r"\w")  # letters, marks, decimal digits, connector punctuation and joiners, as Rust's \w
-
-
-class _AddedToken(NamedTuple):
-    id: int
-    content: str
-    special: bool
-    single_word: bool
-    lstrip: bool
-    rstrip: bool
-    normalized: bool
-
-
-class HFTokenizer(_TokenizerBase):
-    """Byte-level BPE read from a Hugging Face tokenizer.json, with the ids of the `tokenizers` library.
-
-    Encoding follows tokenizers' steps:
-      1. Added tokens, special or not, are cut out of the text first: the leftmost match, the longest of
-         those that start there, with the token's lstrip, rstrip and single_word options. A token marked
-         `normalized` is looked for after step 2, in the normalized text between the others. Special tokens
-         count only where `encode` allows them (tokenizers' encode_special_tokens=True allows none), the
-         others always.
-      2. The normalizer, if any (NFC: Qwen2's), rewrites each stretch of text between added tokens. NFC
-         here is Python's unicodedata, with the tables of Python's Unicode version (14.0 in Python 3.11,
-         16.0 in 3.14): a mark newer than that may be ordered or composed otherwise than by tokenizers.
-      3. The pre-tokenizers split it into pieces, in order: Split by a regex (Llama 3's, Qwen2's), whose
-         matches and the text between them all become pieces; Digits (which tokenizers decides by Rust's
-         own tables, those of the Rust it was built with: in tokenizers 0.23 these know the 13 digits of
-         Unicode 17, which Unicode 16's tables here do not); and last ByteLevel, which may put a
-         space before each piece and split it by BYTE_LEVEL_PATTERN, and spells each piece's UTF-8 bytes in
-         BYTE_LEVEL_ALPHABET, the characters the vocabulary is written in.
-      4. The BPE model encodes each piece. With ignore_merges set (Llama 3), a piece that is a token of
-         the vocabulary is that token. Otherwise each character becomes its token (one missing from the
-         vocabulary becomes the unk token, its <0xNN> bytes with byte_fallback, or nothing), and then,
-         again and again, the adjacent pair that comes first in the merge list is merged (the leftmost of
-         equal pairs) into the token that spells both, until no adjacent pair is on the list.
-
-    That last rule is not tiktoken's, which merges the adjacent pair whose concatenation has the lowest
-    rank, whether or not that pair was ever a merge. The two agree when the list holds every way of
-    writing each token as two tokens, ordered by the rank of the token they make, with ignore_merges
-    (tiktoken looks a whole chunk up before merging) - which is how transformers converts tiktoken's rank
-    files, Llama 3's among them - as long as two different pairs that make the same token are never both
-    at hand (tiktoken merges the leftmost, tokenizers the first listed). A list with one pair per token, as
-    training writes it, can leave out a pair that tiktoken would merge: with the merges a+b, b+c and a+bc,
-    tokenizers encodes abc as ab, c (ab+c is not on the list) and tiktoken, which ranks the token abc, as
-    abc. So the list is not turned into ranks: HFTokenizer merges by the list, and emits the vocabulary's
-    ids, which need not follow the list's order.
-
-    Not applied: the post-processor (encode never adds tokens such as Llama 3's begin-of-text; their ids
-    come from the model's config), truncation and padding. decode writes the bytes of every token,
-    special ones included, as tokenizers' (0.23) decode(ids, skip_special_tokens=False) does.
-    """
-
-    def __init__(self, config: dict, name: str = "tokenizer.json"):
-        if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-            hint = "; read it with Tokenizer.load" if isinstance(config, dict) and "pattern" in config else ""
-            raise ValueError(f"{name} has no 'model': it is not a Hugging Face tokenizer.json{hint}")
-        self.name = name
-        vocab, encode_chunk = _hf_bpe(config["model"], name)
-        self._nfc = _hf_normalizer(config.get("normalizer"), name)
-        self._pre_tokenizers = _hf_pre_tokenizers(config.get("pre_tokenizer"), name)
-        decoder = config.get("decoder")
-        if decoder is not None and decoder.get("type") != "ByteLevel":
-            raise ValueError(f"{name}: the decoder is {decoder.get('type')}, not ByteLevel, so the vocabulary is not byte-level; use the tokenizers library for it")
-        self._added = _hf_added_tokens(config.get("added_tokens") or [], vocab, name)
-        self._vocab_size = len(vocab)
-        decoder = {i: _byte_level_bytes(t) for t, i in vocab.items()}
-        decoder.update((t.id, _byte_level_bytes(self._as_matched(t))) for t in self._added)
-        self._setup({t.content: t.id for t in self._added if t.special}, decoder, encode_chunk)
-        self._matchers = {}  # (normalized, allowed special tokens) -> (regex, matched text -> _AddedToken)
-
-    @classmethod
-    def from_file(cls, path) -> "HFTokenizer":
-        """Read `path`, a tokenizer.json or a folder that holds one."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no {path}; pass a Hugging Face tokenizer.json or the folder that holds one") from None
-        except ValueError:
-            raise ValueError(f"{path} is not JSON; pass a Hugging Face tokenizer.json") from None
-        return cls(config, path)
-
-    def __repr__(self):
-        return f"<HFTokenizer {self._vocab_size} tokens, {len(self._added)} added tokens, from {self.name}>"
-
-    def _encode_text(self, text: str, allowed: frozenset) -> list:
-        ids = []
-        for part in self._cut(text, False, allowed):
-            if isinstance(part, int):
-                ids.append(part)
-                continue
-            if self._nfc:
-                part = unicodedata.normalize("NFC", part)
-            for piece in self._cut(part, True, allowed):
-                if isinstance(piece, int):
-                    ids.append(piece)
-                else:
-                    ids += self._encode_chunks(self._pre_tokenize(piece))
-        return ids
-
-    def _cut(self, text: str, normalized: bool, allowed: frozenset) -> list:
-        """`text` as pieces of text (str) and the ids of the added tokens between them (int), as
-        tokenizers' AddedVocabulary.find_matches finds them."""
-        finder, tokens = self._matcher(normalized, allowed)
-        if finder is None:
-            return [text] if text else []
-        parts, done = [], 0
-        for m in finder.finditer(text):
-            token, (start, stop) = tokens[m.group()], m.span()
-            if token.single_word:
-                before = start > 0 and _WORD.match(_as_unicode_16(text[start - 1]))
-                after = stop < len(text) and _WORD.match(_as_unicode_16(text[stop]))
-                if before or after:
-                    continue  # inside a longer word; tokenizers searches on after it
-            if token.lstrip:
-                while start > done and _SPACE.match(text[start - 1]):
-                    start -= 1
-            if token.rstrip:
-                while stop < len(text) and _SPACE.match(text[stop]):
-                    stop += 1
-            if done < start:
-                parts.append(text[done:start])
-            parts.append(token.id)
-            done = stop
-        if done < len(text):
-            parts.append(text[done:])
-        return parts
-
-    def _as_matched(self, token: _AddedToken) -> str:
-        """The text an added token is found as, and decoded from: normalized if it is looked for in
-        normalized text."""
-        return unicodedata.normalize("NFC", token.content) if token.normalized and self._nfc else token.content
-
-    def _matcher(self, normalized: bool, allowed: frozenset):
-        if (normalized, allowed) not in self._matchers:
-            tokens = {self._as_matched(t): t for t in self._added if t.normalized == normalized and (not t.special or t.content in allowed)}
-            self._matchers[normalized, allowed] = (_longest_first(tokens) if tokens else None), tokens
-        return self._matchers[normalized, allowed]
-
-    def _pre_tokenize(self, text: str) -> list:
-        pieces = [text]
-        for split in self._pre_tokenizers:
-            pieces = [p for piece in pieces for p in split(piece)]
-        return pieces
-
-
-def _hf_normalizer(normalizer, name: str) -> bool:
-    """Whether the text is NFC-normalized: the one normalizer supported, alone or in a Sequence."""
-    steps = normalizer.get("normalizers", []) if normalizer and normalizer.get("type") == "Sequence" else [normalizer]
-    kinds = [step.get("type") for step in steps if step is not None]
-    for kind in kinds:
-        if kind != "NFC":
-            raise ValueError(f"{name}: the normalizer {kind} rewrites the text, which HFTokenizer does not (it supports NFC only); use the tokenizers library for it")
-    return bool(kinds)
-
-
-def _hf_pre_tokenizers(pre_tokenizer, name: str) -> list:
-    """The pre-tokenizer as a list of functions piece -> pieces: Split and Digits steps, then ByteLevel."""
-    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer and pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
-    steps = [step for step in steps if step is not None]
-    for kind in (step.get("type") for step in steps):
-        if kind not in ("Split", "Digits", "ByteLevel"):
-            raise ValueError(f"{name}: the pre-tokenizer {kind} is not supported; HFTokenizer reads Split and Digits steps and a final ByteLevel, so use the tokenizers library for it")
-    if [step.get("type") for step in steps].count("ByteLevel") != 1 or steps[-1].get("type") != "ByteLevel":
-        raise ValueError(
-            f"{name}: the pre-tokenizer does not end with its one ByteLevel step, so the vocabulary is not byte-level "
-            f"(a SentencePiece-style one spells spaces as ▁); use the tokenizers library for it"
-        )
-    splits = []
-    for step in steps[:-1]:
-        if step["type"] == "Split":
-            pattern = step.get("pattern", {})
-            if step.get("behavior") != "Isolated" or step.get("invert") or not ("Regex" in pattern or "String" in pattern):
-                raise ValueError(f"{name}: a Split with behavior {step.get('behavior')}, invert {step.get('invert')} and pattern {pattern} is not supported; HFTokenizer reads Isolated splits by a Regex or String")
-            splits.append(_isolating_splitter(pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"])))
-        else:  # Digits
-            splits.append(_isolating_splitter(r"\p{N}" if step.get("individual_digits") else r"\p{N}+"))
-    byte_level = steps[-1]
-    prefix_space = byte_level.get("add_prefix_space", True)  # tokenizers' defaults
-    split = splitter(BYTE_LEVEL_PATTERN) if byte_level.get("use_regex", True) else None
-
-    def byte_level_step(piece: str) -> list:
-        if prefix_space and not piece.startswith(" "):
-            piece = " " + piece
-        return split(piece) if split else [piece]
-
-    if prefix_space or split:  # without either, ByteLevel leaves the pieces as they are
-        splits.append(byte_level_step)
-    return splits
-
-
-# The patterns whose alternatives between them match every character, so that their chunks cover the text.
-_COVERING = {GPT2_PATTERN, CL100K_PATTERN, O200K_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, BYTE_LEVEL_PATTERN}
-
-
-def _isolating_splitter(pattern: str):
-    """tokenizers' Split with behavior Isolated: each match is a piece, and so is each stretch of text
-    between matches."""
-    if pattern in _COVERING:
-        return splitter(pattern)
-    finditer = regex.compile(pattern).finditer
-
-    def split(text: str) -> list:
-        pieces, done = [], 0
-        for m in finditer(_as_unicode_16(text)):
-            start, end = m.span()
-            if done < start:
-                pieces.append(text[done:start])
-            if start < end:
-                pieces.append(text[start:end])
-            done = end
-        if done < len(text):
-            pieces.append(text[done:])
-        return pieces
-
-    return split
-
-
-def _hf_bpe(model: dict, name: str):
-    """The vocabulary (token -> id) and a function piece -> ids for a tokenizer.json's BPE model."""
-    kind = model.get("type", "BPE" if "merges" in model else None)
-    if kind != "BPE":
-        raise ValueError(f"{name}: the model is {kind}, not BPE; HFTokenizer reads byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2), so use the tokenizers library for it")
-    if model.get("dropout"):
-        raise ValueError(f"{name}: the model has dropout {model['dropout']}, which makes encoding random; set it to null")
-    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise ValueError(f"{name}: the model marks subwords with a prefix or suffix, which byte-level BPE does not; use the tokenizers library for it")
-    vocab = model.get("vocab")
-    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-        raise ValueError(f"{name}: the model's vocab is not a mapping of tokens to ids; re-save the file with the tokenizers library")
-    if len(set(vocab.values())) != len(vocab):
-        raise ValueError(f"{name}: two tokens of the vocab share an id; every id must be unique")
-    # The merge list: (left id, right id) -> (place on the list, id of the merged token). A pair listed
-    # twice keeps its last place, as in tokenizers.
-    pairs = {}
-    for rank, merge in enumerate(model.get("merges") or []):
-        parts = merge.split(" ") if isinstance(merge, str) else merge  # "a b" in older files, ["a", "b"] in newer
-        if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(t, str) and t in vocab for t in parts) and parts[0] + parts[1] in vocab):
-            raise ValueError(f"{name}: merge {rank} ({merge!r}) is not two tokens of the vocab that make a third; re-save the file with the tokenizers library")
-        left, right = parts
-        pairs[vocab[left], vocab[right]] = rank, vocab[left + right]
-    unk = model.get("unk_token")
-    if unk is not None and unk not in vocab:
-        raise ValueError(f"{name}: the unk_token {unk!r} is not in the vocab; add it or set unk_token to null")
-    return vocab, _merge_list_encoder(vocab, pairs, model.get("ignore_merges", False), vocab.get(unk), model.get("fuse_unk", False), model.get("byte_fallback", False))
-
-
-def _merge_list_encoder(vocab: dict, pairs: dict, ignore_merges: bool, unk_id, fuse_unk: bool, byte_fallback: bool):
-    """piece -> ids by tokenizers' BPE model (step 4 of HFTokenizer's docstring)."""
-    to_byte_level = str.maketrans(dict(enumerate(BYTE_LEVEL_ALPHABET)))
-
-    def encode_chunk(piece: str) -> list:
-        word = piece.encode("utf-8").decode("latin-1").translate(to_byte_level)
-        if ignore_merges and word in vocab:
-            return [vocab[word]]
-        ids, unk = [], None  # unk: an unknown character not yet written (tokenizers writes it before the next known one)
-        for char in word:
-            if char in vocab:
-                if unk is not None:
-                    ids.append(unk)
-                    unk = None
-                ids.append(vocab[char])
-                continue
-            if byte_fallback:
-                fallback = [vocab.get(f"<0x{b:02X}>") for b in char.encode("utf-8")]
-                if None not in fallback:
-                    ids += fallback
-                    continue
-            if unk_id is not None:
-                if unk is not None and not fuse_unk:
-                    ids.append(unk)
-                unk = unk_id
-        if unk is not None:
-            ids.append(unk)
-        return _merge_by_list(ids, pairs)
-
-    return encode_chunk
-
-
-def _merge_by_list(ids: list, pairs: dict) -> list:
-    """Merge the adjacent pair that comes first in the merge list, the leftmost of equals, until no adjacent
-    pair is on it. As tokenizers does it: a heap of (place on the list, position, merged id) over a linked
-    list of symbols, where an entry whose position no longer holds its pair is skipped when popped."""
-    n = len(ids)
-    heap = []
-    for i, pair in enumerate(zip(ids, ids[1:])):
-        if pair in pairs:
-            rank, merged = pairs[pair]
-            heap.append((rank, i, merged))
-    heapq.heapify(heap)
-    nxt = list(range(1, n + 1))  # nxt[i]: the position of the symbol after the one at i (n: none)
-    prv = list(range(-1, n - 1))
-    alive = [True] * n
-    while heap:
-        _, i, new = heapq.heappop(heap)
-        j = nxt[i]
-        if not alive[i] or j >= n:
-            continue
-        current = pairs.get((ids[i], ids[j]))
-        if current is None or current[1] != new:  # the symbols at i changed since the entry was pushed
-            continue
-        ids[i], alive[j], nxt[i] = new, False, nxt[j]
-        if nxt[i] < n:
-            prv[nxt[i]] = i
-        if prv[i] >= 0 and (ids[prv[i]], new) in pairs:
-            rank, merged = pairs[ids[prv[i]], new]
-            heapq.heappush(heap, (rank, prv[i], merged))
-        if nxt[i] < n and (new, ids[nxt[i]]) in pairs:
-            rank, merged = pairs[new, ids[nxt[i]]]
-            heapq.heappush(heap, (rank, i, merged))
-    return [ids[i] for i in range(n) if alive[i]]
-
-
-def _hf_added_tokens(tokens: list, vocab: dict, name: str) -> list:
-    """The added tokens, with the ids tokenizers gives them whatever ids the file says (it warns when they
-    differ): a token of the vocabulary keeps its id there, and the others are numbered on, in the file's
-    order, after the vocabulary and after the added tokens before them."""
-    added = {}  # content -> _AddedToken; a content given twice keeps its first id and its last options
-    for token in tokens:
-        try:
-            content, special = token["content"], token.get("special", False)
-        except (KeyError, TypeError):
-            raise ValueError(f"{name}: the added token {token!r} has no content; re-save the file with the tokenizers library") from None
-        if not content:
-            continue  # tokenizers ignores empty added tokens
-        i = added[content].id if content in added else vocab.get(content, max(len(vocab), max((t.id + 1 for t in added.values()), default=0)))
-        added[content] = _AddedToken(
-            i, content, special, token.get("single_word", False), token.get("lstrip", False), token.get("rstrip", False),
-            token.get("normalized", not special),
-        )
-    return list(added.values())
-
-
 # -----------------------------------------------------------------------------
 # Training
 
 
-def train(texts, vocab_size: int, pattern: str = CL100K_PATTERN, special_tokens=None, verbose: bool = False) -> Tokenizer:
+def train(texts, vocab_size: int, pattern: str = CL100K_PATTERN, special_tokens=None, verbose: bool = False) -> "Tokenizer":
     """Learn `vocab_size - 256` merges from a string or an iterable of strings.
 
     `vocab_size` counts the mergeable ranks: the 256 bytes plus the merges (fewer if the corpus runs
@@ -900,12 +141,20 @@ def train(texts, vocab_size: int, pattern: str = CL100K_PATTERN, special_tokens=
     first. Should two different pairs ever spell the same bytes (random corpora never made it happen,
     but nothing here rules it out), the later merge reuses the earlier token, as the encoder would (it
     looks up the concatenated bytes), so every rank names distinct bytes.
+
+    It is the textbook loop, made fast the usual way:
+      1. split the corpus into chunks and count identical chunks once (a corpus has far fewer distinct
+         chunks than chunks);
+      2. count adjacent pairs, each weighted by its chunk's frequency;
+      3. keep, for each pair, the set of distinct chunks that contain it;
+      4. after a merge, rewrite only those chunks and adjust only the pair counts that changed;
+      5. take the next merge from a max-heap whose stale entries are skipped when popped.
     """
     if not isinstance(vocab_size, int) or vocab_size < 256:
         raise ValueError(f"vocab_size must be an integer of at least 256 (the byte tokens), got {vocab_size!r}")
     texts = [texts] if isinstance(texts, str) else texts
     specials = list(dict.fromkeys(special_tokens or []))
-    cut = regex.compile("|".join(map(regex.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+    cut = _longest_first(specials) if specials else None
     split = splitter(pattern)
     t0 = time.perf_counter()
 
@@ -1009,6 +258,385 @@ def _merge_word(word: list, a: int, b: int, new: int, f: int, delta: dict, where
             i = j + 1
     out += word[i:]
     return out
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer
+
+
+class _TokenizerBase:
+    """What Tokenizer and hf_tokenizer.py's HFTokenizer share: tiktoken's `encode` interface to special
+    tokens, the cache of chunk ids, and decoding. A subclass calls `_setup` and defines
+    `_encode_text(text, allowed)`: the ids of `text` in which the special tokens in `allowed`, and no
+    others, are encoded as special tokens."""
+
+    def _setup(self, special_tokens: dict, decoder: dict, encode_chunk) -> None:
+        self.special_tokens = special_tokens
+        self._decoder = decoder  # id -> bytes, special tokens included
+        self._n_vocab = max(decoder, default=-1) + 1
+        self._special_regexes = {}  # frozenset of special tokens -> regex that finds them
+        self._cache = _ChunkCache(encode_chunk)  # chunk -> ids; `ids_of(chunks)` gives theirs, one after another
+
+    @property
+    def n_vocab(self) -> int:
+        """The largest id plus one, special tokens included."""
+        return self._n_vocab
+
+    # ---- encoding
+
+    def encode_ordinary(self, text: str) -> list:
+        """Ids of `text`, treating special-token strings as ordinary text."""
+        return self._encode(text, frozenset())
+
+    def encode(self, text: str, allowed_special=frozenset(), disallowed_special="all") -> list:
+        """Ids of `text`. As in tiktoken, special tokens are encoded only if allowed, and text that
+        contains a disallowed one (by default every special token not allowed) raises ValueError."""
+        if allowed_special == "all":
+            allowed_special = self.special_tokens.keys()
+        allowed_special = frozenset(self.special_tokens.keys() & set(allowed_special))  # unknown names are ignored, as in tiktoken
+        if disallowed_special == "all":
+            disallowed_special = self.special_tokens.keys() - allowed_special
+        if disallowed_special and (m := self._specials_regex(frozenset(disallowed_special)).search(text)):
+            raise ValueError(
+                f"text contains the special token {m.group()!r}; pass allowed_special={{{m.group()!r}}} to encode "
+                f"it as a special token, or disallowed_special=() to encode it as ordinary text"
+            )
+        return self._encode(text, allowed_special)
+
+    def _encode(self, text: str, allowed: frozenset) -> list:
+        try:
+            return self._encode_text(text, allowed)
+        except UnicodeEncodeError:
+            # Lone surrogates cannot be UTF-8 encoded; tiktoken replaces them (and joins valid
+            # surrogate pairs) this way, so we do the same to give its ids.
+            return self._encode_text(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), allowed)
+
+    def _specials_regex(self, specials: frozenset):
+        if specials not in self._special_regexes:
+            self._special_regexes[specials] = _longest_first(specials)
+        return self._special_regexes[specials]
+
+    # ---- decoding
+
+    def decode_bytes(self, ids) -> bytes:
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        try:
+            return b"".join(map(self._decoder.__getitem__, ids))
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]!r} is not in the vocabulary (n_vocab={self.n_vocab})") from None
+
+    def decode(self, ids, errors: str = "replace") -> str:
+        """Text of `ids`; byte sequences that are not valid UTF-8 become U+FFFD, as in tiktoken."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+
+def _longest_first(strings):
+    """A regex that finds any of `strings`: the leftmost, and of those starting there the longest."""
+    return regex.compile("|".join(map(regex.escape, sorted(strings, key=len, reverse=True))))
+
+
+class Tokenizer(_TokenizerBase):
+    """Byte-level BPE with tiktoken's interface: ids equal tiktoken's for the same ranks and pattern."""
+
+    def __init__(self, mergeable_ranks: dict, pattern: str, special_tokens: dict | None = None):
+        special_tokens = dict(special_tokens or {})
+        ids = set(mergeable_ranks.values())
+        if len(ids) != len(mergeable_ranks):
+            raise ValueError("mergeable_ranks gives the same rank to two tokens; every rank must be unique")
+        clash = [t for t, i in special_tokens.items() if i in ids]
+        if clash:
+            raise ValueError(f"special token {clash[0]!r} reuses an id of mergeable_ranks; give it a free id")
+        self.mergeable_ranks = mergeable_ranks
+        self.pattern = pattern
+        self._split = splitter(pattern)
+        decoder = {i: t for t, i in mergeable_ranks.items()}
+        decoder.update((i, t.encode("utf-8")) for t, i in special_tokens.items())
+        self._setup(special_tokens, decoder, _rank_encoder(mergeable_ranks))
+
+    def __repr__(self):
+        return f"<Tokenizer {len(self.mergeable_ranks)} ranks, {len(self.special_tokens)} special tokens>"
+
+    def _encode_text(self, text: str, allowed: frozenset) -> list:
+        if not allowed:
+            return self._cache.ids_of(self._split(text))
+        ids, start = [], 0
+        for m in self._specials_regex(allowed).finditer(text):
+            ids += self._cache.ids_of(self._split(text[start : m.start()]))
+            ids.append(self.special_tokens[m.group()])
+            start = m.end()
+        ids += self._cache.ids_of(self._split(text[start:]))
+        return ids
+
+    # ---- files
+
+    def save(self, directory) -> None:
+        """Write `tokenizer.tiktoken` (tiktoken's rank file) and `tokenizer.json` (pattern and specials)."""
+        os.makedirs(directory, exist_ok=True)
+        ranks = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        lines = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks)
+        meta = json.dumps({"pattern": self.pattern, "special_tokens": self.special_tokens}, indent=1, ensure_ascii=False)
+        _write_atomic(os.path.join(directory, "tokenizer.tiktoken"), lines)
+        _write_atomic(os.path.join(directory, "tokenizer.json"), meta + "\n")
+
+    @classmethod
+    def load(cls, directory) -> "Tokenizer":
+        path = os.path.join(directory, "tokenizer.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+            pattern, special_tokens = meta["pattern"], meta["special_tokens"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {path}; save a tokenizer there first with Tokenizer.save") from None
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path} is not a tokenizer.json with 'pattern' and 'special_tokens'; save it again") from None
+        return cls.from_rank_file(os.path.join(directory, "tokenizer.tiktoken"), pattern, special_tokens)
+
+    @classmethod
+    def from_rank_file(cls, path, pattern: str, special_tokens: dict | None = None) -> "Tokenizer":
+        """Load a tiktoken rank file: one `<base64 token> <rank>` per line."""
+        return cls(read_rank_file(path), pattern, special_tokens)
+
+    @classmethod
+    def from_llama3(cls, path) -> "Tokenizer":
+        """Load Meta's Llama 3 `tokenizer.model` (a tiktoken rank file) with Llama 3's pattern and specials."""
+        ranks = read_rank_file(path)
+        specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        return cls(ranks, LLAMA3_PATTERN, specials)
+
+    @classmethod
+    def from_tiktoken(cls, name: str) -> "Tokenizer":
+        """Wrap an encoding that `tiktoken.get_encoding(name)` can load."""
+        import tiktoken
+
+        enc = tiktoken.get_encoding(name)
+        return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens)
+
+
+def read_rank_file(path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no rank file at {path}; pass the path of a .tiktoken / tokenizer.model file") from None
+    ranks, seen = {}, set()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            token, rank = base64.b64decode(token, validate=True), int(rank)
+        except ValueError:
+            raise ValueError(f"{path}, line {lineno}: expected '<base64 token> <rank>', got {line[:80]!r}") from None
+        if rank in seen:
+            raise ValueError(f"{path}, line {lineno}: rank {rank} appears twice; every rank must be unique")
+        if token in ranks:
+            raise ValueError(f"{path}, line {lineno}: token {token!r} appears twice; every token must be unique")
+        seen.add(rank)
+        ranks[token] = rank
+    if not ranks:
+        raise ValueError(f"{path} holds no ranks; it is not a tiktoken rank file")
+    return ranks
+
+
+def _write_atomic(path, text: str) -> None:
+    """Write to a temp file beside path, then rename it onto path: a crash never leaves half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # open() gives it the usual permissions, unlike mkstemp's 0600
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------
+# What makes it exact: the Unicode version. What \p{L}, \p{N}, \p{M}, \s, ... match comes from the tables
+# of one Unicode version, and each library has its own. tiktoken 0.8 to 0.14 (Rust's regex crate) and the
+# `tokenizers` library 0.22 and 0.23 (Oniguruma) split by Unicode 16.0 (tiktoken 0.7 by 15.0). `regex`
+# follows the newest Unicode: its releases 2024.9.11 to 2025.9.18 have 16.0, 2025.10.22 has 17.0,
+# 2026.9.29 has 18.0. (Each of these was measured by running every code point through every class in each
+# library.) To a newer `regex`, a character that Unicode 17 or 18 assigned is a letter, mark or digit,
+# while tiktoken finds it unassigned, and the two split text around it differently: Hebrew with U+05C8
+# encodes to other ids under o200k, for one. `regex` cannot be asked for an older version's tables, so the
+# text it splits is translated first: every code point that Unicode 17.0 and 18.0 assigned becomes U+FDD0,
+# a noncharacter, which every Unicode version leaves unassigned, and U+0295, which Unicode 17 moved from
+# Ll to Lo, becomes U+0138, an Ll letter in every version. The translation keeps each character in its
+# place, so the chunks are then cut from the original text at the same offsets. A `regex` release with
+# Unicode 19 will need its additions listed here (the tests run all of Unicode through both libraries).
+
+# The code points that Unicode 17.0 and 18.0 assigned, as `regex` 2026.11.19 knows them.
+_ASSIGNED_AFTER_UNICODE_16 = """
+0558 058B-058C 05C8-05C9 088F 0B53-0B54 0C5C 0CDC 1ACF-1AF0 208F 209D-209F 20C1-20C4 2B96 2E60-2E63
+A7CE-A7CF A7D2 A7D4 A7DD A7E2 A7F1 AB6C-AB6D FBC3-FBD2 FD90-FD91 FDC8-FDCE 107BB-107BF 10940-10959
+10EC5-10EC7 10EC9-10EEE 10EF0-10EFB 11B0A 11B60-11B67 11DB0-11DDB 11DE0-11DE9 11DF0-11DF1 1246F
+12475-1247F 12550-12686 16EA0-16EB8 16EBB-16ED3 16FF2-16FF6 187F8-187FF 18CD6-18CDA 18D09-18D20
+18D80-18DF2 18E00-19191 191A0-191D2 1B123-1B128 1B168 1CCFA-1CCFC 1CEBA-1CED0 1CED2-1CED4 1CEDD-1CEFD
+1D127-1D128 1D1EB-1D1FF 1D250-1D281 1D6A6 1DB00-1DB1C 1DF1F-1DF24 1DF2B-1DF81 1DF90-1DF96 1DFCD-1DFFF
+1E6C0-1E6DE 1E6E0-1E6F5 1E6FE-1E6FF 1F1AE 1F6D8-1F6D9 1F777-1F77A 1F7DA-1F7DB 1F7F1-1F7FF 1F8D0-1F8D8
+1FA54-1FA57 1FA8A-1FA8E 1FAC8 1FACC-1FACD 1FADD 1FAEA-1FAEB 1FAEF 1FAF9-1FAFA 1FBFA 2B73A-2B73F 2B81E
+2CEA2-2CEAD 323B0-33479 3D000-3FC3F
+"""
+_RANGES_AFTER_UNICODE_16 = [(int(a, 16), int(b or a, 16)) for a, _, b in (r.partition("-") for r in _ASSIGNED_AFTER_UNICODE_16.split())]
+_TO_UNICODE_16 = {c: 0xFDD0 for a, b in _RANGES_AFTER_UNICODE_16 for c in range(a, b + 1)} | {0x295: 0x138}
+# Finding them must be fast, as all text is searched. `re` tests a character against BMP ranges with a
+# bitmap but against astral ranges one range at a time (20 times slower here), so this set takes every
+# astral character, to be looked up one by one.
+_MAYBE_AFTER_UNICODE_16 = re.compile(
+    "[\u0295" + "".join(f"{chr(a)}-{chr(b)}" for a, b in _RANGES_AFTER_UNICODE_16 if b < 0x10000) + "\U00010000-\U0010FFFF]"
+)
+
+
+def _as_unicode_16(text: str) -> str:
+    """`text` with the characters above translated, each in its place; `text` itself if it has none."""
+    if not text.isascii():
+        for m in _MAYBE_AFTER_UNICODE_16.finditer(text):
+            if ord(m.group()) in _TO_UNICODE_16:
+                return text.translate(_TO_UNICODE_16)
+    return text
+
+
+# -----------------------------------------------------------------------------
+# What makes it fast: splitting text into chunks is most of the work of encoding. Three rewrites of the
+# patterns above, each exact:
+
+# `regex` runs possessive quantifiers (`++`, `?+`, ...) about 20% slower than plain greedy ones. In
+# GPT-2's and cl100k's patterns nothing that follows a possessive quantifier can fail in a way that
+# backtracking would repair (`\s+$` included: a run of whitespace reaches the end of the text or it
+# does not), so these plain versions split identically; the tests check them against tiktoken.
+_FASTER_EQUIVALENT = {
+    GPT2_PATTERN: r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+$|\s+(?!\S)|\s""",
+    CL100K_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+$|\s*[\r\n]|\s+(?!\S)|\s""",
+}
+
+# On text without a non-ASCII character \p{L} is [a-zA-Z], \p{N} is [0-9], the other letter and
+# mark classes are empty, and `re.ASCII`'s \s is exactly the ASCII part of Unicode's White_Space. So
+# these translations split ASCII text exactly as the originals do, and the standard library's `re`
+# runs them about twice as fast as `regex` runs the originals.
+_ASCII_EQUIVALENT = {
+    GPT2_PATTERN: r"""'(?:[sdmt]|ll|ve|re)| ?[a-zA-Z]+| ?[0-9]+| ?[^\sa-zA-Z0-9]+|\s+$|\s+(?!\S)|\s""",
+    CL100K_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\na-zA-Z0-9]?[a-zA-Z]+|[0-9]{1,3}| ?[^\sa-zA-Z0-9]+[\r\n]*|\s+$|\s*[\r\n]|\s+(?!\S)|\s""",
+    O200K_PATTERN: r"""[^\r\na-zA-Z0-9]?[A-Z]*[a-z]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\na-zA-Z0-9]?[A-Z]+[a-z]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[0-9]{1,3}| ?[^\sa-zA-Z0-9]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    LLAMA3_PATTERN: r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\na-zA-Z0-9]?[a-zA-Z]+|[0-9]{1,3}| ?[^\sa-zA-Z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    QWEN2_PATTERN: r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\na-zA-Z0-9]?[a-zA-Z]+|[0-9]| ?[^\sa-zA-Z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+}
+# tokenizers' ByteLevel regex makes GPT-2's chunks (see above), so it takes GPT-2's faster forms.
+_FASTER_EQUIVALENT[BYTE_LEVEL_PATTERN] = _FASTER_EQUIVALENT[GPT2_PATTERN]
+_ASCII_EQUIVALENT[BYTE_LEVEL_PATTERN] = _ASCII_EQUIVALENT[GPT2_PATTERN]
+_LONG_ASCII = re.compile(r"[\x00-\x7f]{256,}")
+_CUT = re.compile(r"(?<=\S) ")  # `re`'s \S excludes a few non-White_Space controls too: fewer cuts, still safe
+
+
+def splitter(pattern: str):
+    """A function text -> chunks, equal to `regex.compile(pattern).findall` on Unicode 16's tables
+    (see "the Unicode version" above) but faster.
+
+    Mostly-ASCII text is cut into long ASCII stretches, split by `re` with the ASCII translation, and
+    the rest, split by `regex`. The cuts go before a space that follows a non-space: in all the
+    known patterns no chunk runs from a non-space into a following space (a chunk takes a space only
+    as its first character or within a run of whitespace), and whether a chunk matches depends on
+    nothing to its left, nor (lookaheads and `$` being reached only inside runs of whitespace) on
+    anything right of such a cut. So splitting the pieces separately gives the same chunks.
+    """
+    compiled = regex.compile(_FASTER_EQUIVALENT.get(pattern, pattern))
+
+    def slow(text: str) -> list:
+        translated = _as_unicode_16(text)
+        if translated is text:
+            return compiled.findall(text)
+        return [text[m.start() : m.end()] for m in compiled.finditer(translated)]
+
+    if pattern not in _ASCII_EQUIVALENT:
+        return slow
+    fast = re.compile(_ASCII_EQUIVALENT[pattern], re.ASCII).findall
+
+    def split(text: str) -> list:
+        if text.isascii():
+            return fast(text)
+        chunks, done = [], 0
+        for run in _LONG_ASCII.finditer(text):
+            cut = _CUT.search(text, run.start(), run.end())
+            start = 0 if run.start() == 0 else cut.start() if cut else run.end()
+            end = run.end()
+            if end < len(text):  # back off to the last cut inside the run
+                end = text.rfind(" ", start + 1, end)
+                while end > start and text[end - 1].isspace():
+                    end = text.rfind(" ", start + 1, end)
+            if end > start:
+                chunks += slow(text[done:start])
+                chunks += fast(text[start:end])
+                done = end
+        chunks += slow(text[done:])
+        return chunks
+
+    return split
+
+
+# A long chunk (a run of 100k identical letters, say) would make bpe_merge's linear scan per merge
+# quadratic; past this many bytes it takes _bpe_merge_long's heap instead.
+_LONG_CHUNK = 64
+
+
+def _bpe_merge_long(piece: bytes, ranks: dict) -> list:
+    """bpe_merge's merges in O(n log n): a heap of (rank, start) over a linked list of parts.
+
+    Heap entries go stale when a neighbour merges; an entry is used only if the part still starts there
+    and its pair with the next part still has that rank (a rank names one byte string, so that suffices).
+    """
+    get = ranks.get
+    n = len(piece)
+    nxt = list(range(1, n + 2))  # nxt[s]: where the part starting at s ends; n + 1 past the last
+    prv = list(range(-1, n))
+    alive = [True] * (n + 1)
+    heap = [(r, i) for i in range(n - 1) if (r := get(piece[i : i + 2])) is not None]
+    heapq.heapify(heap)
+    while heap:
+        r, s = heapq.heappop(heap)
+        if not alive[s] or nxt[s] >= n:
+            continue
+        e = nxt[nxt[s]]
+        if get(piece[s:e]) != r:
+            continue
+        alive[nxt[s]] = False  # the part starting at s absorbs its right neighbour
+        nxt[s] = e
+        if e <= n:
+            prv[e] = s
+        if e < n and (r := get(piece[s : nxt[e]])) is not None:
+            heapq.heappush(heap, (r, s))
+        p = prv[s]
+        if p >= 0 and (r := get(piece[p:e])) is not None:
+            heapq.heappush(heap, (r, p))
+    ids, s = [], 0
+    while s < n:
+        ids.append(ranks[piece[s : nxt[s]]])
+        s = nxt[s]
+    return ids
+
+
+class _ChunkCache(dict):
+    """chunk (str) -> its token ids; a chunk seen for the first time is encoded on the spot.
+
+    Real text repeats chunks so often that after the first few kilobytes almost every chunk is a cache
+    hit, which costs a dict lookup instead of a merge; the cache is cleared when it grows past SIZE."""
+
+    SIZE = 1 << 20
+
+    def __init__(self, encode_chunk):
+        self.encode_chunk = encode_chunk
+
+    def __missing__(self, chunk: str) -> list:
+        ids = self[chunk] = self.encode_chunk(chunk)
+        return ids
+
+    def ids_of(self, chunks: list) -> list:
+        """The ids of `chunks`, one after another."""
+        if len(self) > self.SIZE:
+            self.clear()
+        ids = []
+        # The loop's work happens in C: a cache hit is a dict lookup, and `extend` copies the ids.
+        deque(map(ids.extend, map(self.__getitem__, chunks)), maxlen=0)
+        return ids
 
 
 # -----------------------------------------------------------------------------

