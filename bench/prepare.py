@@ -4,7 +4,7 @@ against tiktoken in the same number of processes.
     python bench/prepare.py [--copies 10] [--workers 2] [--vocab-size 2048] [--no-whole]
 
 The corpus is the standard library's *.py files, `copies` times, written as one .txt file per
-top-level package into a temporary folder (about 32 MB a copy, site-packages left out), so data.py streams it into shards.
+top-level package into a temporary folder (about 32 MB a copy, site-packages left out), so corpus.py streams it into shards.
 Each preparation runs in a fresh process with an empty cache; ru_maxrss of RUSAGE_SELF is the main
 process's peak and that of RUSAGE_CHILDREN the largest peak of any worker. Unless --no-whole, the same
 corpus also goes, in a fresh process, through the path that small corpora still take and that every
@@ -40,11 +40,11 @@ print(wall, self_mb, child_mb, len(pipe.train_tokens) + len(pipe.val_tokens))
 WHOLE = """
 import resource, sys, time
 sys.path.insert(0, {root!r})
-import data
+import corpus
 t = time.perf_counter()
-train_text, val_text = data.split_text(data.read_text({folder!r}))
-tokenizer, key = data.train_tokenizer(train_text, {vocab})
-tokens = len(data.token_file(tokenizer, key, train_text)) + len(data.token_file(tokenizer, key, val_text))
+train_text, val_text = corpus.split_text(corpus.read_text({folder!r}))
+tokenizer, key = corpus.train_tokenizer(train_text, {vocab})
+tokens = len(corpus.token_file(tokenizer, key, train_text)) + len(corpus.token_file(tokenizer, key, val_text))
 wall = time.perf_counter() - t
 print(wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0, tokens)
 """
@@ -126,10 +126,10 @@ def main():
               f"main {self_mb:,.0f} MB, largest worker {child_mb:,.0f} MB", flush=True)
 
         os.environ["LLMS_FROM_SCRATCH_CACHE"] = str(cache)
-        import data
+        import corpus
 
         tokenizer_dir = next((cache / "tokenizers").iterdir())
-        all_docs = list(data.documents(str(folder)))
+        all_docs = list(corpus.documents(str(folder)))
         docs = all_docs[: len(all_docs) // args.copies]  # one copy, held in memory for both encoders
         doc_bytes = sum(len(d.encode()) for d in docs)
         ours, _ = encode_rate("bpe", tokenizer_dir, docs, args.workers, doc_bytes)

@@ -1,4 +1,4 @@
-"""data.py: corpus sources, caches, the deterministic sharded batch stream, and bits per byte."""
+"""corpus.py and data.py: corpus sources, caches, the deterministic sharded batch stream, and bits per byte."""
 
 import functools
 import http.server
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import corpus
 import data
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
@@ -24,10 +25,10 @@ def cache(tmp_path, monkeypatch):
 def test_default_corpus_is_pydoc_topics_in_key_order():
     from pydoc_data.topics import topics
 
-    text = data.read_text(None)
+    text = corpus.read_text(None)
     first, last = sorted(topics)[0], sorted(topics)[-1]
     assert text.startswith(topics[first]) and text.endswith(topics[last])
-    train_text, val_text = data.split_text(text)
+    train_text, val_text = corpus.split_text(text)
     assert train_text + val_text == text and len(val_text) == len(text) - int(len(text) * 0.9)
 
 
@@ -36,9 +37,9 @@ def test_file_directory_and_glob(tmp_path):
     (tmp_path / "d" / "b.txt").write_text("second")
     (tmp_path / "d" / "a.txt").write_text("first")
     (tmp_path / "d" / "skip.md").write_text("not text")
-    assert data.read_text(str(tmp_path / "d" / "a.txt")) == "first"
-    assert data.read_text(str(tmp_path / "d")) == "first\n\nsecond"
-    assert data.read_text(str(tmp_path / "d" / "*.txt")) == "first\n\nsecond"
+    assert corpus.read_text(str(tmp_path / "d" / "a.txt")) == "first"
+    assert corpus.read_text(str(tmp_path / "d")) == "first\n\nsecond"
+    assert corpus.read_text(str(tmp_path / "d" / "*.txt")) == "first\n\nsecond"
 
 
 def test_url_is_downloaded_once(tmp_path, cache):
@@ -55,44 +56,44 @@ def test_url_is_downloaded_once(tmp_path, cache):
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/corpus.txt"
-        assert data.read_text(url) == TEXT
-        assert data.read_text(url) == TEXT
+        assert corpus.read_text(url) == TEXT
+        assert corpus.read_text(url) == TEXT
         assert len(hits) == 1  # the second read came from the cache
         assert list((cache / "downloads").iterdir())
-        with pytest.raises(data.DataError, match="could not download"):
-            data.read_text(f"http://127.0.0.1:{server.server_port}/missing.txt")
+        with pytest.raises(corpus.UserError, match="could not download"):
+            corpus.read_text(f"http://127.0.0.1:{server.server_port}/missing.txt")
     finally:
         server.shutdown()
         thread.join(timeout=5)
 
 
 def test_bad_sources(tmp_path, capsys):
-    with pytest.raises(data.DataError, match="no file matches"):
-        data.read_text(str(tmp_path / "missing.txt"))
+    with pytest.raises(corpus.UserError, match="no file matches"):
+        corpus.read_text(str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(data.DataError, match="is empty"):
-        data.read_text(str(tmp_path / "empty.txt"))
+    with pytest.raises(corpus.UserError, match="is empty"):
+        corpus.read_text(str(tmp_path / "empty.txt"))
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(data.DataError, match="no .txt, .jsonl or .parquet files"):
-        data.read_text(str(tmp_path / "empty_dir"))
+    with pytest.raises(corpus.UserError, match="no .txt, .jsonl or .parquet files"):
+        corpus.read_text(str(tmp_path / "empty_dir"))
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 ok".encode("latin-1"))
-    assert data.read_text(str(tmp_path / "latin1.txt")) == "caf\ufffd ok"
+    assert corpus.read_text(str(tmp_path / "latin1.txt")) == "caf\ufffd ok"
     assert "not valid UTF-8" in capsys.readouterr().err
 
 
 def test_tokenizer_and_token_files_are_cached(monkeypatch, cache):
     import bpe
 
-    tok, key = data.train_tokenizer(TEXT, 270)
+    tok, key = corpus.train_tokenizer(TEXT, 270)
     assert tok.n_vocab == 270
     monkeypatch.setattr(bpe, "train", lambda *a, **k: pytest.fail("the cached tokenizer was not used"))
-    again, key2 = data.train_tokenizer(TEXT, 270)
+    again, key2 = corpus.train_tokenizer(TEXT, 270)
     assert key2 == key and again.encode_ordinary(TEXT) == tok.encode_ordinary(TEXT)
-    tokens = data.token_file(tok, key, TEXT)
+    tokens = corpus.token_file(tok, key, TEXT)
     assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
     assert tokens.tolist() == tok.encode_ordinary(TEXT)
     monkeypatch.setattr(tok, "encode_ordinary", lambda text: pytest.fail("the cached token file was not used"))
-    assert data.token_file(tok, key, TEXT).tolist() == tokens.tolist()
+    assert corpus.token_file(tok, key, TEXT).tolist() == tokens.tolist()
 
 
 def test_large_vocabularies_use_uint32(cache):
@@ -102,7 +103,7 @@ def test_large_vocabularies_use_uint32(cache):
         def encode_ordinary(self, text):
             return [99_999, 70_000, 1]
 
-    tokens = data.token_file(Big(), "big", "abc")
+    tokens = corpus.token_file(Big(), "big", "abc")
     assert tokens.dtype == np.uint32 and tokens.tolist() == [99_999, 70_000, 1]
 
 
@@ -119,7 +120,7 @@ def take(stream, n):
 
 
 def test_stream_windows_are_shifted_targets_and_epochs_cover_every_window(token_path):
-    s = data.WindowStream(data.TokenShards([token_path], np.uint16), seq_len=10, batch_size=9, seed=3)
+    s = data.WindowStream(corpus.TokenShards([token_path], np.uint16), seq_len=10, batch_size=9, seed=3)
     batches = take(s, s.n_windows // 9 + 1)
     for b in batches:
         assert b["idx"].shape == (9, 10) and torch.equal(b["idx"][:, 1:], b["targets"][:, :-1])
@@ -130,23 +131,23 @@ def test_stream_windows_are_shifted_targets_and_epochs_cover_every_window(token_
 
 
 def test_stream_resumes_at_any_step_and_depends_on_the_seed(token_path):
-    full = take(data.WindowStream(data.TokenShards([token_path], np.uint16), 16, 4, seed=1, grad_accum=2), 10)
-    resumed = take(data.WindowStream(data.TokenShards([token_path], np.uint16), 16, 4, seed=1, grad_accum=2, start_step=3), 4)
+    full = take(data.WindowStream(corpus.TokenShards([token_path], np.uint16), 16, 4, seed=1, grad_accum=2), 10)
+    resumed = take(data.WindowStream(corpus.TokenShards([token_path], np.uint16), 16, 4, seed=1, grad_accum=2, start_step=3), 4)
     for a, b in zip(full[6:], resumed):
         assert torch.equal(a["idx"], b["idx"])
-    other = take(data.WindowStream(data.TokenShards([token_path], np.uint16), 16, 4, seed=2, grad_accum=2), 1)
+    other = take(data.WindowStream(corpus.TokenShards([token_path], np.uint16), 16, 4, seed=2, grad_accum=2), 1)
     assert not torch.equal(full[0]["idx"], other[0]["idx"])
 
 
 def test_stream_shards_ranks_like_one_bigger_batch(token_path):
-    one = take(data.WindowStream(data.TokenShards([token_path], np.uint16), 16, 8, seed=5), 3)
-    ranks = [take(data.WindowStream(data.TokenShards([token_path], np.uint16), 16, 4, seed=5, rank=r, world_size=2), 3) for r in (0, 1)]
+    one = take(data.WindowStream(corpus.TokenShards([token_path], np.uint16), 16, 8, seed=5), 3)
+    ranks = [take(data.WindowStream(corpus.TokenShards([token_path], np.uint16), 16, 4, seed=5, rank=r, world_size=2), 3) for r in (0, 1)]
     for step in range(3):
         assert torch.equal(one[step]["idx"], torch.cat([ranks[0][step]["idx"], ranks[1][step]["idx"]]))
 
 
 def test_dataloader_workers_keep_the_order(token_path):
-    s = data.WindowStream(data.TokenShards([token_path], np.uint16), 16, 4, seed=7)
+    s = data.WindowStream(corpus.TokenShards([token_path], np.uint16), 16, 4, seed=7)
     plain = take(s, 6)
     loader = torch.utils.data.DataLoader(s, batch_size=None, num_workers=2, prefetch_factor=2)
     for a, b in zip(plain, take(loader, 6)):
@@ -222,16 +223,16 @@ def test_atomic_write_that_fails_half_way_keeps_the_old_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        data.atomic_write(path, half_then_fail)
+        corpus.atomic_write(path, half_then_fail)
     assert path.read_bytes() == b"old and whole"
     assert [p.name for p in tmp_path.iterdir()] == ["state.bin"]  # no temp file left behind
-    data.atomic_write(path, lambda tmp: open(tmp, "wb").write(b"new"))
+    corpus.atomic_write(path, lambda tmp: open(tmp, "wb").write(b"new"))
     assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["state.bin"]
 
 
 def test_a_vocabulary_size_that_bpe_cannot_train_is_a_data_error(tmp_path):
     (tmp_path / "c.txt").write_text(TEXT)
-    with pytest.raises(data.DataError, match="at least 256"):
+    with pytest.raises(corpus.UserError, match="at least 256"):
         data.CausalLM(str(tmp_path / "c.txt"), vocab_size=100)
 
 

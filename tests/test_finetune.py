@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import bpe
 import gpt_llama
+import runs
 import sample
 import train
 
@@ -53,6 +54,21 @@ def records(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_the_training_context_is_the_recipes_not_the_checkpoints(env, tmp_path):
+    """A Llama 3 checkpoint holds 8,192 positions; --init trains at the recipe's context, which a laptop
+    can afford, unless --set max_seq_len asks for another."""
+    folder = tmp_path / "long"
+    shutil.copytree(env / "hf", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    common = COMMON[: COMMON.index("--set")]
+    for extra, context in (([], gpt_llama.TRAIN_RECIPE["config"]["max_seq_len"]), (["--set", "max_seq_len=48"], 48)):
+        out = tmp_path / f"o{context}"
+        assert train.main(["--init", str(folder), "--data", str(env / "corpus.txt"), "--out", str(out), *common, *extra,
+                           "--max-steps", "1"]) == 0
+        assert json.loads((out / "config.json").read_text())["config"]["max_seq_len"] == context
+
+
 def test_the_weights_and_the_tokenizer_come_from_the_folder(env):
     """With a learning rate too small to move anything, the run's weights are the checkpoint's, loaded
     by gpt_llama.py's own from_pretrained, and the token ids are those of the folder's tokenizer."""
@@ -73,7 +89,7 @@ def test_the_weights_and_the_tokenizer_come_from_the_folder(env):
     reference_model = transformers.LlamaForCausalLM.from_pretrained(env / "hf").eval()
     with torch.no_grad():
         theirs = reference_model(torch.tensor([ids]), labels=torch.tensor([ids])).loss  # position t scores t + 1
-        model, _, _ = sample.load_trained(out)
+        model, _, _ = runs.load_run(out)
         _, ours = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
@@ -187,7 +203,7 @@ def test_a_qwen2_folder_with_a_tokenizer_json_fine_tunes(env, capsys):
     assert (out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
     ids = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))(
         text[int(len(text) * 0.9):])["input_ids"][:33]
-    model, tokenizer_ours, _ = sample.load_trained(out)
+    model, tokenizer_ours, _ = runs.load_run(out)
     assert tokenizer_ours.encode_ordinary(text[int(len(text) * 0.9):])[:33] == ids
     with torch.no_grad():
         theirs = reference_model(torch.tensor([ids]), labels=torch.tensor([ids])).loss

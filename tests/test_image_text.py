@@ -1,5 +1,6 @@
-"""The image-text pipeline of data.py (shapes and image folders), and train.py / sample.py driving siglip.py."""
+"""The image-text pipeline of images.py (shapes and image folders), and train.py / sample.py driving siglip.py."""
 
+import argparse
 import contextlib
 import json
 import os
@@ -15,7 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import corpus
 import data
+import images
+import runs
 import sample
 import siglip
 import train
@@ -59,11 +63,16 @@ def config(**kw):
     return types.SimpleNamespace(image_size=16, max_seq_len=12, **kw)
 
 
+def options(source=None):
+    """What data.pipeline reads of train.py's options."""
+    return argparse.Namespace(data=source, vocab_size=300)
+
+
 # ------------------------------------------------------------------------------------ shapes
 
 
 def test_shapes_are_deterministic_and_hold_combinations_out():
-    shapes = data.Shapes()
+    shapes = images.Shapes()
     a, b = shapes.train_pair(5, 0, 24), shapes.train_pair(5, 0, 24)
     assert a[1] == b[1] and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
     assert shapes.train_pair(5, 1, 24)[1] != a[1] or not np.array_equal(np.asarray(shapes.train_pair(5, 1, 24)[0]), np.asarray(a[0]))
@@ -83,7 +92,7 @@ def test_shapes_are_deterministic_and_hold_combinations_out():
 
 
 def test_a_picture_shows_its_colour():
-    shapes = data.Shapes()
+    shapes = images.Shapes()
     rng = np.random.default_rng(0)
     for colour, rgb in shapes.COLOURS.items():
         image, caption, _ = shapes.draw(rng, colour, "square", 32)
@@ -93,9 +102,9 @@ def test_a_picture_shows_its_colour():
 
 
 def test_captions_are_padded_so_the_last_position_is_always_pad(env):
-    pipe = data.pipeline("image_text", siglip, vocab_size=300)
-    ids = data.caption_ids(pipe.tokenizer, ["a red circle", "a small red circle at the top " * 5], 8)
-    pad = pipe.tokenizer.special_tokens[data.PAD]
+    pipe = data.pipeline(siglip, options())
+    ids = images.caption_ids(pipe.tokenizer, ["a red circle", "a small red circle at the top " * 5], 8)
+    pad = pipe.tokenizer.special_tokens[images.PAD]
     assert ids.shape == (2, 8) and (ids[:, -1] == pad).all() and (ids[1, :-1] != pad).all()
     assert pipe.tokenizer.decode(ids[0][ids[0] != pad].tolist()) == "a red circle"
 
@@ -119,7 +128,7 @@ class Oracle(torch.nn.Module):
 
 
 def test_zero_shot_accuracy_counts_seen_and_held_out_combinations(env):
-    pipe = data.pipeline("image_text", siglip, vocab_size=300)
+    pipe = data.pipeline(siglip, options())
     _, _, candidates, answers, held_out, _ = pipe.validation(config())
     right = pipe.evaluate(Oracle(lambda i: candidates[i, answers[i]]), config(), 10, "cpu", contextlib.nullcontext)
     assert right["val_accuracy"] == right["val_accuracy_seen"] == right["val_accuracy_held_out"] == 1.0
@@ -131,13 +140,76 @@ def test_zero_shot_accuracy_counts_seen_and_held_out_combinations(env):
     assert first["val_accuracy_seen"] == pytest.approx(16 / n_seen) and first["val_accuracy_held_out"] == 0
 
 
+def raw_pixels(image, image_size):
+    """A preprocess that keeps the 0..255 values, so that a test can tell the colour of a picture."""
+    if isinstance(image, list):
+        return torch.stack([raw_pixels(im, image_size) for im in image])
+    return torch.from_numpy(np.array(image.convert("RGB").resize((image_size, image_size)))).permute(2, 0, 1).float()
+
+
+def colour_of(pixels):
+    """The colour of Shapes.COLOURS that most pixels of a (3, S, S) picture of raw values are near."""
+    rgb = pixels.flatten(1).T
+    near = {name: ((rgb - torch.tensor(value)).abs().amax(1) <= 25).sum().item() for name, value in images.Shapes.COLOURS.items()}
+    return max(near, key=near.get)
+
+
+class ColourJudge(torch.nn.Module):
+    """forward: the share of pairs whose caption does not name the colour its picture shows."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer, self.pad = tokenizer, tokenizer.special_tokens[images.PAD]
+
+    def forward(self, pixel_values, input_ids):
+        captions = [self.tokenizer.decode([i for i in row if i != self.pad]) for row in input_ids.tolist()]
+        wrong = [colour_of(p) not in caption.split() for p, caption in zip(pixel_values, captions)]
+        return None, torch.tensor(sum(wrong) / len(wrong))
+
+    def classify(self, pixel_values, label_ids):
+        return torch.full((len(pixel_values), len(label_ids)), 1 / len(label_ids))
+
+
+@pytest.mark.parametrize("source", ["shapes", "folder"])
+def test_validation_pictures_go_with_their_own_captions(env, tmp_path, source):
+    """val_loss means something only if each validation picture is scored with its own caption: a
+    judge that knows the truth scores 0, and zero-shot answers name the same caption."""
+    folder = None
+    if source == "folder":
+        folder, lines, colours = tmp_path / "d", [], list(images.Shapes.COLOURS.items())
+        folder.mkdir()
+        for i in range(40):
+            name, rgb = colours[i % len(colours)]
+            noise = np.random.default_rng(i).integers(-15, 16, (10, 10, 3))
+            Image.fromarray((np.array(rgb) + noise).clip(0, 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+            lines.append(json.dumps({"file_name": f"{i:02d}.png", "text": f"a {name} picture"}))
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        folder = str(folder)
+    pipe = images.ImageText(folder, vocab_size=300, preprocess=raw_pixels)
+    pixels, ids, candidates, answers, _, label_ids = pipe.validation(config())
+    assert len(ids) == (288 if source == "shapes" else 4)
+    assert all(torch.equal(ids[i], label_ids[candidates[i, answers[i]]]) for i in range(len(ids)))
+    result = pipe.evaluate(ColourJudge(pipe.tokenizer), config(), 8, "cpu", contextlib.nullcontext)
+    assert result["val_loss"] == 0
+
+
+def test_image_text_batches_ask_for_gathered_captions_only_under_ddp(env):
+    pipe = data.pipeline(siglip, options())
+    one = next(iter(pipe.stream(config(), 4, seed=1)))
+    assert set(one) == {"pixel_values", "input_ids"}
+    halves = [next(iter(pipe.stream(config(), 2, seed=1, rank=r, world_size=2))) for r in (0, 1)]
+    assert all(h["gather"] is True for h in halves)
+    assert torch.equal(torch.cat([h["pixel_values"] for h in halves]), one["pixel_values"])
+    assert torch.equal(torch.cat([h["input_ids"] for h in halves]), one["input_ids"])
+
+
 # ------------------------------------------------------------------------------- image folders
 
 
 def test_image_folder_with_split_folders_and_any_mode(env, tmp_path):
     image_folder(tmp_path / "d" / "train", n=20)
     image_folder(tmp_path / "d" / "test", n=6, captions=("a dog", "a fish"))
-    pipe = data.pipeline("image_text", siglip, source=str(tmp_path / "d"), vocab_size=300)
+    pipe = data.pipeline(siglip, options(str(tmp_path / "d")))
     assert len(pipe.data.train) == 20 and len(pipe.data.val) == 6
     assert pipe.data.labels == ["a dog", "a fish"]  # the candidates: the held-out split's distinct captions
     pipe.check(config())
@@ -151,13 +223,13 @@ def test_image_folder_with_split_folders_and_any_mode(env, tmp_path):
 
 def test_image_folder_without_splits_holds_out_the_last_tenth(env, tmp_path):
     image_folder(tmp_path / "d", n=30)
-    pipe = data.pipeline("image_text", siglip, source=str(tmp_path / "d"), vocab_size=300)
+    pipe = data.pipeline(siglip, options(str(tmp_path / "d")))
     assert [p.stem for p, _ in pipe.data.val] == ["027", "028", "029"]
 
 
 def test_folder_epochs_show_every_image_once_in_a_seeded_order(env, tmp_path):
     image_folder(tmp_path / "d", n=30)
-    pipe = data.pipeline("image_text", siglip, source=str(tmp_path / "d"), vocab_size=300)
+    pipe = data.pipeline(siglip, options(str(tmp_path / "d")))
     first_epoch = [pipe.data.shuffle(4, g) for g in range(27)]
     assert sorted(first_epoch) == list(range(27))
     assert [pipe.data.shuffle(4, g) for g in range(27, 54)] != first_epoch
@@ -184,8 +256,8 @@ def test_bad_image_folders(env, tmp_path, problem, match):
         folder.mkdir()
     if folder.joinpath("metadata.jsonl").exists():
         (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(data.DataError, match=match):
-        pipe = data.pipeline("image_text", siglip, source=str(folder), vocab_size=300)
+    with pytest.raises(corpus.UserError, match=match):
+        pipe = data.pipeline(siglip, options(str(folder)))
         pipe.check(config())
 
 
@@ -236,7 +308,7 @@ def test_outputs_and_metrics(trained, capsys):
 
 
 def test_sample_ranks_labels_for_images(trained, tmp_path, capsys):
-    shapes = data.Shapes()
+    shapes = images.Shapes()
     image, _, _ = shapes.draw(np.random.default_rng(0), "red", "circle", 16)
     image.convert("P").save(tmp_path / "a.png")
     labels = ["a red circle", "a blue square", "a green triangle"]
@@ -244,8 +316,8 @@ def test_sample_ranks_labels_for_images(trained, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{tmp_path / 'a.png'}:" and len(out) == 4
     printed = {line.split("  ")[2]: float(line.split()[0]) for line in out[1:]}
-    model, tokenizer, _ = sample.load_trained(trained)
-    probs = model.classify(siglip.preprocess(Image.open(tmp_path / "a.png"), 16)[None], data.caption_ids(tokenizer, labels, 12))[0]
+    model, tokenizer, _ = runs.load_run(trained)
+    probs = model.classify(siglip.preprocess(Image.open(tmp_path / "a.png"), 16)[None], images.caption_ids(tokenizer, labels, 12))[0]
     assert printed == pytest.approx({label: round(p.item(), 3) for label, p in zip(labels, probs)}, abs=1e-3)
     assert [line.split("  ")[2] for line in out[1:]] == [labels[i] for i in probs.argsort(descending=True)]
     assert sample.main([str(trained), "--image", str(tmp_path / "missing.png"), "--labels", "a"]) == 2
@@ -293,7 +365,7 @@ def test_two_ddp_processes_match_one_with_twice_the_batch(env):
 
 def test_a_changed_image_changes_the_folder_fingerprint(env, tmp_path):
     folder = image_folder(tmp_path / "d", n=12)
-    first = data.pipeline("image_text", siglip, source=str(folder), vocab_size=300).fingerprint
-    assert data.pipeline("image_text", siglip, source=str(folder), vocab_size=300).fingerprint == first
+    first = data.pipeline(siglip, options(str(folder))).fingerprint
+    assert data.pipeline(siglip, options(str(folder))).fingerprint == first
     picture(99, size=(40, 30)).save(folder / "000.png")  # same name, other picture
-    assert data.pipeline("image_text", siglip, source=str(folder), vocab_size=300).fingerprint != first
+    assert data.pipeline(siglip, options(str(folder))).fingerprint != first

@@ -29,12 +29,13 @@ STEPS = 20
 def first_batch(name):
     """The first batch the default pipeline of model file `name` gives train.py, with seed 0."""
     import data
+    import runs
     import train
 
     module = importlib.import_module(name)
     args = train.parse_args(["--model", name])
-    pipe = data.pipeline(module.TASK, module, source=None, vocab_size=args.vocab_size)
-    config = train.build_config(module, {**args.overrides, **pipe.model_config()})
+    pipe = data.pipeline(module, args)
+    config = runs.build_config(module, {**args.overrides, **pipe.model_config()})
     return next(iter(pipe.stream(config, args.batch_size, seed=0)))
 
 

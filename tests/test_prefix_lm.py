@@ -1,6 +1,7 @@
-"""The prefix-LM pipeline of data.py (shapes with questions, and image folders with prefixes and
+"""The prefix-LM pipeline of images.py (shapes with questions, and image folders with prefixes and
 suffixes), and train.py driving paligemma.py through it."""
 
+import argparse
 import contextlib
 import json
 import math
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import corpus
 import data
 import paligemma
 import train
@@ -38,9 +40,14 @@ def env(tmp_path_factory):
         yield root
 
 
+def options(source=None):
+    """What data.pipeline reads of train.py's options."""
+    return argparse.Namespace(data=source, vocab_size=300)
+
+
 @pytest.fixture(scope="module")
 def pipe(env):
-    return data.pipeline("prefix_lm", paligemma, vocab_size=300)
+    return data.pipeline(paligemma, options())
 
 
 def config(**kw):
@@ -89,6 +96,25 @@ def test_batches_are_deterministic_and_hold_combinations_out(pipe):
     combos = {(e[2].split()[2], e[2].split()[3]) for e in examples if e[3] == "caption"}
     assert len(combos) == 18 and {e[3] for e in examples} == set(questions.QUESTIONS)
     assert sum(e[4] for e in examples) == 3 * questions.VAL_PER_COMBINATION * 5
+
+
+def test_every_prefix_leaves_the_suffix_a_place(pipe):
+    """paligemma.py's forward takes prefix_len on trust: it lies in [1, text length - 1] for every
+    example at every text length that check accepts, and for a prompt too long for the row, which is cut;
+    a text length without room for the longest prompt and one answer token is refused."""
+    longest = max(pipe.data.prompts(), key=lambda p: len(pipe.prompt_ids(p)))
+    need = len(pipe.prompt_ids(longest)) + 1
+    with pytest.raises(corpus.UserError, match="max_seq_len"):
+        pipe.check(config(max_seq_len=4 + need - 1))
+    for length in (need, need + 3):
+        c = config(max_seq_len=4 + length)
+        pipe.check(c)
+        _, examples = pipe.validation(c)
+        lengths = [next(iter(pipe.stream(c, 16, seed=0)))["prefix_len"],
+                   pipe.encode([(e[1], e[2]) for e in examples], length)[1],
+                   pipe.encode([(longest * 3, "red")], length)[1]]
+        for prefix_len in lengths:
+            assert prefix_len.min() >= 1 and prefix_len.max() <= length - 1, (length, prefix_len)
 
 
 class StandIn(torch.nn.Module):
@@ -143,14 +169,14 @@ def prefix_folder(root, n=12, bad=None):
 def test_folder_lines_without_prefix_and_suffix_are_refused(env):
     for i, bad in enumerate(['{"file_name": "00.png", "text": "a cat"}', "not json"]):
         folder = prefix_folder(env / f"bad{i}", bad=bad)
-        with pytest.raises(data.DataError, match="metadata.jsonl line 4"):
-            data.pipeline("prefix_lm", paligemma, source=str(folder), vocab_size=300)
-    pipe = data.pipeline("prefix_lm", paligemma, source=str(prefix_folder(env / "good")), vocab_size=300)
+        with pytest.raises(corpus.UserError, match="metadata.jsonl line 4"):
+            data.pipeline(paligemma, options(str(folder)))
+    pipe = data.pipeline(paligemma, options(str(prefix_folder(env / "good"))))
     c = config()
     pipe.check(c)
     _, examples = pipe.validation(c)
     assert len(examples) == 2 and pipe.unit(c) == ("examples", 1)
-    with pytest.raises(data.DataError, match="max_seq_len"):
+    with pytest.raises(corpus.UserError, match="max_seq_len"):
         pipe.check(config(max_seq_len=6))
 
 

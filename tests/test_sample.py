@@ -10,7 +10,8 @@ import pytest
 import numpy as np
 import torch
 
-import data
+import images
+import runs
 import sample
 import train
 
@@ -31,7 +32,7 @@ def test_prompt_is_continued_with_the_models_own_samples(trained, capsys):
     assert sample.main([str(trained), "--prompt", "The", "--max-new-tokens", "12", "--seed", "1"]) == 0
     out, err = capsys.readouterr()
     assert "tokens/s" in err
-    model, tokenizer, _ = sample.load_trained(trained)
+    model, tokenizer, _ = runs.load_run(trained)
     ids = tokenizer.encode_ordinary("The")
     expected = model.generate(torch.tensor([ids]), 12, temperature=0.8, top_k=50, seed=1)[0].tolist()
     assert out == tokenizer.decode(expected) + "\n"
@@ -152,7 +153,7 @@ def vision_language(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LLMS_FROM_SCRATCH_CACHE", str(root / "cache"))
         assert train.main(argv) == 0
-    image = data.Shapes().draw(np.random.default_rng(3), "green", "square", 24)[0]
+    image = images.Shapes().draw(np.random.default_rng(3), "green", "square", 24)[0]
     image.save(root / "shape.png")
     return root / "out", root / "shape.png"
 
@@ -165,7 +166,7 @@ def test_vision_language_answer_is_greedy_decoding_of_bos_prompt_newline(vision_
     from PIL import Image
 
     folder, image = vision_language
-    model, tokenizer, _ = sample.load_trained(folder)
+    model, tokenizer, _ = runs.load_run(folder)
     with torch.no_grad():  # other weights per seed, so that the answer is not always eos at once
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.5)
@@ -184,7 +185,7 @@ def test_vision_language_answer_is_greedy_decoding_of_bos_prompt_newline(vision_
                 break
     expected = tokenizer.decode(new)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sample, "load_trained", lambda f: (model, tokenizer, frozenset()))
+        patch.setattr(runs, "load_run", lambda f: (model, tokenizer, frozenset()))
         assert sample.main([str(folder), "--image", str(image), "--prompt", prompt, "--temperature", "0",
                             "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import runs
 import train
 
 from conftest import start_train, stop_at_step  # noqa: E402
@@ -143,7 +144,7 @@ def test_bad_input(env, capsys, tmp_path):
     try:
         import wandb  # noqa: F401
     except ImportError:
-        fails(args(env, tmp_path / "o", "--max-steps", "1", "--wandb"), capsys, "pip install wandb")
+        fails(args(env, tmp_path / "o", "--max-steps", "1", "--wandb"), capsys, 'pip install -e ".[wandb]"')
     assert not (tmp_path / "o").exists()  # nothing was written for any of these
 
 
@@ -285,7 +286,7 @@ def test_a_flipped_byte_inside_a_tensor_is_caught(env, trained, capsys, tmp_path
     ("corpus/**/*.txt", "out/gpt_llama-corpus"), ("https://example.com/data/tiny.txt?raw=1", "out/gpt_llama-tiny"),
 ])
 def test_a_run_on_other_data_gets_its_own_folder(source, folder):
-    assert train.default_out("gpt_llama", source) == Path(folder)
+    assert runs.default_out("gpt_llama", source) == Path(folder)
 
 
 def test_resuming_with_another_batch_or_world_size_is_refused(env, trained, capsys, tmp_path):
@@ -348,6 +349,20 @@ def test_moe_experts_and_router_decay_and_norms_do_not():
     plain = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert plain == {"tok_embeddings.weight", "norm.weight"} | {
         f"layers.{i}.{n}_norm.weight" for i in range(model.config.n_layers) for n in ("attention", "ffn")}
+
+
+def test_siglip_decays_its_kernels_but_not_the_probe_embeddings_or_norms():
+    """big_vision decays kernels only; the MAP head's probe is a vector stored as (1, 1, dim)."""
+    import siglip
+
+    model = siglip.Model(siglip.Config())
+    a = argparse.Namespace(weight_decay=0.1, lr=1e-3, beta1=0.9, beta2=0.95)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in train.make_optimizer(model, a).param_groups if g["weight_decay"] > 0
+               for p in g["params"]}
+    assert decayed == {n for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n
+                       and "tok_embed" not in n and not n.endswith("probe")}
+    assert any(n.endswith("probe") for n in names.values()) and "vision.patch_embed.weight" in decayed
 
 
 def test_gradient_accumulation_equals_a_bigger_batch(env):

@@ -1,0 +1,435 @@
+"""
+Model files and checkpoint folders: what train.py and sample.py both need to find a model, load it and
+save it. Generation depends on this file, never on the trainer.
+
+A model file is a .py file beside this one that defines Model, Config and TASK at top level (found
+by reading the files, not importing them); its HF_ARCHITECTURES lists the Hugging Face architectures
+its Model.from_pretrained loads.
+
+Two kinds of folders hold a model:
+    a run folder, written by train.py:
+        config.json        {"model": model file, "task": TASK, "config": the Config's fields}
+        model.safetensors  float32 weights; metadata {"step", "sha256" of the tensors' content}
+        tokenizer files    bpe.py's tokenizer.json + tokenizer.tiktoken, or those copied from --init
+        state.pt           optimizer, step, schedule, RNG and data position, with a sha256 of its content
+        metrics.jsonl, loss.png
+    a Hugging Face folder: config.json with "architectures", model.safetensors (or shards and their
+        index), tokenizer.json or Llama 3's tokenizer.model, generation_config.json.
+
+Every file is written to a temporary name and moved into place (corpus.atomic_write), and the
+checksums are recomputed when a file is read: a flipped byte inside a tensor leaves a file that still
+loads, and only its content can tell.
+"""
+
+import argparse
+import ast
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from corpus import UserError, atomic_write, in_one_line
+
+ROOT = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------ model files
+
+
+def model_choices():
+    """Files next to this one that define Model, Config and TASK at top level, found without importing them."""
+    found = []
+    for path in sorted(ROOT.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text())
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        names = set()
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        if {"Model", "Config", "TASK"} <= names:
+            found.append(path.stem)
+    return found
+
+
+def import_model(name):
+    choices = model_choices()
+    if name not in choices:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(choices)}")
+    return importlib.import_module(name)
+
+
+def model_for_architecture(architecture):
+    """The name of the model file whose HF_ARCHITECTURES lists architecture, read without importing every file."""
+    for name in model_choices():
+        for node in ast.parse((ROOT / f"{name}.py").read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "HF_ARCHITECTURES" for t in node.targets):
+                if architecture in ast.literal_eval(node.value):
+                    return name
+    raise UserError(f"no model file loads the architecture {architecture}")
+
+
+# --------------------------------------------------------------------------------------- folders
+
+
+def read_json(path, advice):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e.strerror if isinstance(e, OSError) else e}); {advice}") from None
+
+
+def read_folder_config(folder):
+    """config.json of a checkpoint folder: train.py's ({"model", "config", ...}) or a Hugging Face one."""
+    path = Path(folder) / "config.json"
+    saved = read_json(path, "pass a Hugging Face checkpoint folder or one that train.py wrote")
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is not a model's config; pass a Hugging Face checkpoint folder or one that train.py wrote")
+    return saved
+
+
+def is_run_folder(saved):
+    """Whether a folder's config.json (saved) was written by train.py."""
+    return isinstance(saved.get("model"), str) and isinstance(saved.get("config"), dict)
+
+
+def folder_model(folder):
+    """The model file of a checkpoint folder: the one train.py wrote it with, or the one that loads its architecture."""
+    saved = read_folder_config(folder)
+    if is_run_folder(saved):
+        return saved["model"]
+    architectures = saved.get("architectures") or ["(none)"]
+    return model_for_architecture(architectures[0])
+
+
+def default_out(model, source):
+    """out/<model> for the built-in data; out/<model>-<name> for --data, so that a run on other data
+    never lands in (and is refused by) the folder of an earlier run."""
+    if source is None:
+        return Path("out") / model
+    if source.startswith(("http://", "https://")):
+        name = Path(source.split("?")[0].rstrip("/")).stem or source.split("/")[2]
+    else:
+        parts = [p for p in Path(source).expanduser().parts if not any(c in p for c in "*?[")]
+        name = Path(parts[-1]).stem if parts else "data"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "data"
+    return Path("out") / f"{model}-{name}"
+
+
+def load_folder(folder, module):
+    """The model in a checkpoint folder, float32: train.py's (config.json and model.safetensors, checked
+    against the digest it carries) or a Hugging Face one (Model.from_pretrained)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model, safe_open
+
+    folder = Path(folder)
+    saved = read_folder_config(folder)
+    try:
+        if is_run_folder(saved):
+            model = module.Model(module.Config(**saved["config"]))
+            with safe_open(folder / "model.safetensors", "pt") as f:
+                metadata = f.metadata()
+            load_model(model, folder / "model.safetensors")
+            check_weights(model, folder / "model.safetensors", metadata)
+            return model
+        return module.Model.from_pretrained(folder)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, RuntimeError) as e:
+        raise UserError(f"cannot load the model in {folder} ({type(e).__name__}: {in_one_line(e)}); it may be "
+                        "corrupt, incomplete or written by another version of its model file") from None
+
+
+def load_run(folder):
+    """(model, tokenizer, eos_ids) from a folder that train.py wrote: no eos ids, since its text has no end token."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} holds no config.json; pass a folder written by train.py, or --hf for a Hugging Face one")
+    saved = read_folder_config(folder)
+    if not is_run_folder(saved):
+        raise UserError(f"{folder} was not written by train.py; pass --hf {folder} for a Hugging Face folder")
+    model = load_folder(folder, import_model(saved["model"]))
+    return model, folder_tokenizer(folder), frozenset()
+
+
+def load_hf(folder, dtype="float32"):
+    """(model, tokenizer, eos_ids) from a Hugging Face checkpoint folder, the weights in dtype."""
+    folder = Path(folder)
+    config = read_json(folder / "config.json", "pass a Hugging Face checkpoint folder")
+    architectures = config.get("architectures") or ["?"]
+    module = import_model(model_for_architecture(architectures[0]))
+    takes_dtype = "dtype" in inspect.signature(module.Model.from_pretrained).parameters
+    if dtype != "float32" and not takes_dtype:
+        raise UserError(f"{module.__name__}.py loads its weights in float32 only; leave --dtype out")
+    try:
+        tokenizer = load_tokenizer(folder)
+        model = module.Model.from_pretrained(folder, dtype=dtype) if takes_dtype else module.Model.from_pretrained(folder)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise UserError(str(e)) from None
+    return model, tokenizer, eos_ids(folder, config)
+
+
+def eos_ids(folder, config):
+    """The ids that end an answer: generation_config.json's eos_token_id, else config.json's.
+
+    Instruct models list several there (Llama 3's <|end_of_text|>, <|eom_id|> and <|eot_id|>, Qwen's
+    <|im_end|> and <|endoftext|>), and transformers' generate stops at any of them."""
+    source = config
+    if (folder / "generation_config.json").is_file():
+        generation = read_json(folder / "generation_config.json", "fix or remove it")
+        if generation.get("eos_token_id") is not None:
+            source = generation
+    eos = source.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError(f"the eos_token_id {eos!r} in {folder} is neither a token id nor a list of them")
+    return frozenset(ids)
+
+
+def build_config(module, overrides, base=None):
+    """module.Config with the fields in overrides: on its defaults, or on the config base."""
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UserError(f"Config of {module.__name__} has no field {', '.join(unknown)}; its fields: {', '.join(sorted(fields))}")
+    try:
+        return module.Config(**overrides) if base is None else dataclasses.replace(base, **overrides)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"invalid config: {e}") from None
+
+
+def load_init(folder, module, overrides, context=None):
+    """(model, config, tokenizer) to fine-tune from --init: the folder's weights; its config with the
+    --set fields changed, and the training context cut to context unless --set gives max_seq_len; and
+    its tokenizer as data.py's pipelines take it: (tokenizer, a key of its files' content, the files to
+    copy into the run's folder)."""
+    source = load_folder(folder, module)
+    if context and "max_seq_len" not in overrides:
+        overrides = {**overrides, "max_seq_len": min(context, source.config.max_seq_len)}
+    config = build_config(module, overrides, base=source.config)
+    try:
+        model = module.Model(config)
+        model.load_state_dict(source.state_dict())
+    except ValueError as e:
+        raise UserError(f"invalid config: {e}") from None
+    except RuntimeError:
+        raise UserError(f"--set {', '.join(sorted(overrides))} changes the shape of the weights in {folder}; with "
+                        "--init only fields such as max_seq_len and dropout can change") from None
+    tokenizer = folder_tokenizer(folder)
+    if tokenizer.n_vocab > config.vocab_size:
+        raise UserError(f"the tokenizer in {folder} has {tokenizer.n_vocab} tokens but the model only {config.vocab_size}; "
+                        "the folder's tokenizer is not the model's")
+    files, key = tokenizer_files(folder)
+    return model, config, (tokenizer, key, files)
+
+
+# ------------------------------------------------------------------------------------- tokenizers
+
+# What a folder's tokenizer is made of; a run fine-tuned from a folder copies these into its own.
+TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def load_tokenizer(folder):
+    """The tokenizer in folder: what train.py saved (tokenizer.tiktoken beside bpe.py's tokenizer.json),
+    else a Hugging Face folder's tokenizer.json, else Llama 3's tokenizer.model (a tiktoken rank file)."""
+    import bpe
+
+    folder = Path(folder)
+    # train.py's tokenizer.json holds only the pattern and the special tokens; its ranks live in
+    # tokenizer.tiktoken, which a Hugging Face folder never has, so that file tells the two apart.
+    if (folder / "tokenizer.tiktoken").is_file():
+        return bpe.Tokenizer.load(folder)
+    if (folder / "tokenizer.json").is_file():
+        import hf_tokenizer
+
+        return hf_tokenizer.load(folder / "tokenizer.json")
+    if (folder / "tokenizer.model").is_file():
+        return bpe.Tokenizer.from_llama3(folder / "tokenizer.model")
+    raise UserError(f"{folder} holds no tokenizer: neither a tokenizer.json (with tokenizer.tiktoken if "
+                    "train.py wrote it) nor Llama 3's tokenizer.model")
+
+
+def folder_tokenizer(folder):
+    """load_tokenizer, with a file that cannot be read said in one sentence."""
+    try:
+        return load_tokenizer(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer in {folder} ({in_one_line(e)})") from None
+
+
+def tokenizer_files(folder):
+    """(the tokenizer files in folder, a key of their content that names their token files in the cache)."""
+    files = [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
+    key = "init-" + hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+    return files, key
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def content_digest(obj, h=None):
+    """sha256 over a nested structure of dicts, lists, tensors and plain values, in a fixed order."""
+    top = h is None
+    h = hashlib.sha256() if top else h
+    if isinstance(obj, dict):
+        h.update(b"{%d" % len(obj))
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            content_digest(obj[key], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[%d" % len(obj))
+        for item in obj:
+            content_digest(item, h)
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest() if top else None
+
+
+def weights_digest(model):
+    return content_digest(model.state_dict())
+
+
+def check_weights(model, path, metadata):
+    """Raise ValueError when the weights just loaded from path differ from the digest saved with them."""
+    saved = (metadata or {}).get("sha256")
+    if saved is not None and saved != weights_digest(model):
+        raise ValueError(f"the content of {path} does not match its checksum, so the file was damaged after it was written")
+
+
+# What a run folder holds besides its tokenizer; --fresh removes these, the training state first.
+RUN_FILES = ("state.pt", "model.safetensors", "config.json", "metrics.jsonl", "loss.png")
+
+
+def save_checkpoint(out, model, optimizer, config, name, task, state):
+    """model.safetensors, config.json and state.pt, each written to a temp file and moved into place."""
+    from safetensors.torch import save_model
+
+    metadata = {"step": str(state["step"]), "sha256": weights_digest(model)}
+    atomic_write(out / "model.safetensors", lambda tmp: save_model(model, tmp, metadata=metadata))
+    config_json = json.dumps({"model": name, "task": task, "config": dataclasses.asdict(config)}, indent=2)
+    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(config_json + "\n"))
+    state = {**state, "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+    if torch.cuda.is_available():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    state["sha256"] = content_digest(state)
+    atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
+
+
+def read_state(out):
+    """The training state in out/state.pt, checked against its own checksum; read without pickle."""
+    path = out / "state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file fails in many ways; all mean the same here
+        raise UserError(f"the checkpoint {path} is corrupt or truncated ({type(e).__name__}); delete it or pass --fresh") from None
+    if not isinstance(state, dict) or "step" not in state or "config" not in state:
+        raise UserError(f"{path} is not a training state of train.py; delete it or pass --fresh")
+    saved = state.pop("sha256", None)
+    if saved is not None and saved != content_digest(state):
+        raise UserError(f"the checkpoint {path} is corrupt: its content does not match its checksum; delete it or pass --fresh")
+    return state
+
+
+def load_checkpoint(out, model, config, name, fingerprint, run):
+    """The training state in out, after checking it belongs to this run and loading the weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model, safe_open
+
+    state = read_state(out)
+    mine = dataclasses.asdict(config)
+    if state.get("model") != name or state["config"] != mine:
+        diff = [f"{k} {state['config'].get(k)} vs {mine[k]}" for k in mine if state["config"].get(k) != mine[k]]
+        what = f"model {state.get('model')}" if state.get("model") != name else "a config with " + ", ".join(diff)
+        raise UserError(f"{out} holds a checkpoint of {what}; use another --out, the same settings, or --fresh")
+    if state.get("data") and state["data"].get("fingerprint") != fingerprint:
+        raise UserError(f"{out} holds a checkpoint trained on other data or another tokenizer; use another --out or --fresh")
+    # The data order and the meaning of a step depend on these; a run resumed with others would
+    # quietly become another run (torchrun on a single-process folder, say).
+    saved_run = state.get("run", run)
+    if saved_run != run:
+        diff = ", ".join(f"{k.replace('_', ' ')} {saved_run.get(k)} (now {run[k]})" for k in run if saved_run.get(k) != run[k])
+        raise UserError(f"{out} holds a run with {diff}; use another --out, the same settings, or --fresh")
+    path = out / "model.safetensors"
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        load_model(model, path)
+        check_weights(model, path, metadata)
+    except (OSError, SafetensorError, RuntimeError, ValueError) as e:
+        raise UserError(f"the weights {path} are missing, corrupt or truncated ({in_one_line(e)}); delete state.pt or pass --fresh") from None
+    if metadata.get("step") != str(state["step"]):
+        raise UserError(f"{out} holds weights of step {metadata.get('step')} but a training state of step {state['step']}; delete state.pt or pass --fresh")
+    return state
+
+
+def trim_metrics(path, step):
+    """Drop records after step (written by a run that died after its last checkpoint)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+
+
+# ------------------------------------------------------------------------------- devices and flags
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA GPU")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for, but torch sees no Apple GPU")
+    return device
+
+
+# Dense bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("RTX 4090", 165e12),
+]
+
+
+def peak_flops(device):
+    """Dense bf16 FLOP/s of one device, for MFU; None where unknown."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+    return None
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each default once: where the help text does not already say it, and not for None or off."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are UserError: one sentence and exit code 2 through main(), like
+    every other bad input, instead of a usage block and SystemExit from inside parse_args. A flag's
+    type that refuses a value says "must be ...", which reads "--lr must be ..."."""
+
+    def error(self, message):
+        raise UserError(re.sub(r"^argument ([^:]+): must ", r"\1 must ", message))
