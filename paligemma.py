@@ -26,6 +26,15 @@ L = N + T, Dv = vision_dim, C = dim, H = n_heads, K = n_kv_heads, D = head_dim:
     mask            (B, 1, L, L)    True where a query may attend to a key
     logits          (B, T, vocab_size)   only the text positions
 
+From transformers' PaliGemmaProcessor: processor(images=..., text=prefixes, suffix=suffixes) returns
+input_ids of n_image_tokens placeholders "<image>", then bos, the prefix, "\n", the suffix and eos,
+padded on the tokenizer's padding_side; token_type_ids 0 over placeholders, bos, prefix, "\n" and the
+padding, 1 over suffix and eos; and pixel_values as preprocess() makes them. With the padding on the
+right (tokenizer.padding_side = "right"), forward takes
+    input_ids   = input_ids[:, n_image_tokens:]     (forward puts the image tokens in front itself)
+    prefix_len  = ((token_type_ids == 0) & (attention_mask == 1)).sum(1) - n_image_tokens
+    targets     = suffix_targets(input_ids, prefix_len, tokenizer.pad_token_id)
+
 `python paligemma.py` draws coloured shapes with pillow, trains a tiny model for a few seconds to answer
 "what color?" about them, and answers the question greedily for new drawings.
 """
@@ -109,13 +118,9 @@ TRAIN_RECIPE = dict(
 )
 
 
-# copied from siglip.py: Attention
+# copied from siglip.py: Attention (adapted: no last_only)
 class Attention(nn.Module):
-    """Multi-head self-attention over all positions: neither tower uses a mask.
-
-    With last_only, only the last position queries (it still attends to every position) and the output
-    is (B, 1, dim): for a last block whose other outputs nobody reads.
-    """
+    """Multi-head self-attention over all positions, with no mask."""
 
     def __init__(self, dim, n_heads):
         super().__init__()
@@ -125,13 +130,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x, last_only=False):
+    def forward(self, x):
+        """(B, T, dim) -> (B, T, dim)."""
         B, T, C = x.shape
 
         def heads(t):  # (B, T, C) -> (B, n_heads, T, C / n_heads)
             return t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
 
-        q = heads(self.q_proj(x[:, -1:] if last_only else x))
+        q = heads(self.q_proj(x))
         y = F.scaled_dot_product_attention(q, heads(self.k_proj(x)), heads(self.v_proj(x)))
         return self.out_proj(y.transpose(1, 2).reshape(B, -1, C))
 
@@ -147,9 +153,9 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-# copied from siglip.py: EncoderBlock
+# copied from siglip.py: EncoderBlock (adapted: no last_only)
 class EncoderBlock(nn.Module):
-    """Pre-LayerNorm transformer block, the same in both towers."""
+    """Pre-LayerNorm transformer block: attention, then an MLP, each added to the residual stream."""
 
     def __init__(self, dim, n_heads, mlp_dim, eps):
         super().__init__()
@@ -158,9 +164,9 @@ class EncoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim)
 
-    def forward(self, x, last_only=False):
-        """(B, T, dim) -> (B, T, dim), or (B, 1, dim) with last_only (see Attention)."""
-        x = (x[:, -1:] if last_only else x) + self.attn(self.norm1(x), last_only)
+    def forward(self, x):
+        """(B, T, dim) -> (B, T, dim)."""
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -168,8 +174,7 @@ class EncoderBlock(nn.Module):
 class VisionEncoder(nn.Module):
     """ViT: non-overlapping patches, learned position embeddings, encoder blocks, a final LayerNorm.
 
-    forward returns every patch (B, N, dim): SigLIP pools them with a MAPHead, PaliGemma hands them all
-    to its decoder.
+    forward returns every patch, (B, N, dim), unpooled.
     """
 
     def __init__(self, image_size, patch_size, dim, n_layers, n_heads, mlp_dim, eps):
@@ -214,24 +219,10 @@ class RMSNorm(nn.Module):
         return (xf * (1.0 + self.weight.float())).to(x.dtype)
 
 
-# copied from gpt_llama.py: rope_tables
-def rope_tables(head_dim, max_seq_len, theta, scaling=None):
+# copied from gpt_llama.py: rope_tables (adapted: no RoPE scaling)
+def rope_tables(head_dim, max_seq_len, theta):
     """cos and sin of (max_seq_len, head_dim) for every position, in float32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    if scaling is not None:
-        # Llama 3: keep high frequencies, divide low ones by `factor`, interpolate in between, so the
-        # model sees wavelengths it was trained on when the context grows past the original length.
-        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
-        low_wavelen = old_len / scaling["low_freq_factor"]
-        high_wavelen = old_len / scaling["high_freq_factor"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_len / wavelen - scaling["low_freq_factor"]) / (
-            scaling["high_freq_factor"] - scaling["low_freq_factor"]
-        )
-        interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = torch.where(is_medium, interpolated, inv_freq)
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
     # Hugging Face's layout: the two halves of a head, not interleaved pairs, form the rotated planes.
     freqs = torch.cat([freqs, freqs], dim=-1)
@@ -400,9 +391,14 @@ class Model(nn.Module):
         N, c = self.config.n_image_tokens, self.config
         if N + T > c.max_seq_len:
             raise ValueError(f"{N} image tokens plus {T} text tokens exceed the context of {c.max_seq_len}")
-        prefix_len = torch.as_tensor(prefix_len, device=input_ids.device).expand(B)
-        if prefix_len.min() < 1 or prefix_len.max() > T:
-            raise ValueError(f"prefix_len must lie in [1, {T}], got {prefix_len.tolist()}")
+        prefix_len = torch.as_tensor(prefix_len)
+        # Reading prefix_len's values would make each step wait for a GPU and break a compiled graph, so
+        # they are checked only in eager mode on the CPU, where that costs nothing. A training pipeline
+        # builds its batches right (this project's images.py does), and generate checks its own input.
+        if prefix_len.device.type == "cpu" and not torch.compiler.is_compiling():
+            if prefix_len.min() < 1 or prefix_len.max() > T:
+                raise ValueError(f"prefix_len must lie in [1, {T}], got {prefix_len.tolist()}")
+        prefix_len = prefix_len.to(input_ids.device).expand(B)
         x = torch.cat([self.embed_image(pixel_values), self.embed_text(input_ids)], dim=1)
         logits = self.decoder(x, prefix_lm_mask(N + prefix_len, N + T), first=N)
         loss = None
@@ -498,20 +494,35 @@ class Model(nn.Module):
         folder = Path(checkpoint_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoint folder {folder} does not exist; pass a folder holding config.json")
-        model = cls(config_from_hf(folder))
+        config = config_from_hf(folder)
+        # On the meta device the model takes no memory and skips the random initialisation: each parameter
+        # becomes its checkpoint tensor below, so the weights are never held twice.
+        with torch.device("meta"):
+            model = cls(config)
         # Checkpoints name the towers with or without a leading "model." and "vision_model." or "model."
         # inside them, as transformers' versions wrote them; drop those parts on both sides.
-        tensors = {canonical(k): v for k, v in read_safetensors(folder).items()}
+        tensors = read_safetensors(folder)
+        file_names = {canonical(k): k for k in tensors}
         state = {}
         for name in model.state_dict():
             hf_name = canonical(to_hf_name(name))
-            if hf_name not in tensors:
+            if hf_name not in file_names:
                 raise ValueError(f"{folder} lacks the tensor {hf_name}; it is not a whole PaliGemma checkpoint")
-            state[name] = tensors[hf_name].float()
+            state[name] = tensors.pop(file_names[hf_name]).float()
+        # A checkpoint may also store the tied output head, which must then be the embedding again.
+        head = next((k for k in tensors if k.endswith("lm_head.weight")), None)
+        if head is not None and not torch.equal(tensors.pop(head).float(), state["tok_embeddings.weight"]):
+            raise ValueError(f"{folder} holds an output head that differs from the embedding; PaliGemma's head is tied to it")
+        # Older checkpoints also store the position-id buffers, which hold only 0, 1, 2, ...
+        unexpected = sorted(k for k in tensors if not k.endswith("position_ids"))
+        if unexpected:
+            raise ValueError(f"{folder} holds tensors that PaliGemma does not have: {', '.join(unexpected[:5])}")
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(state, assign=True)
         except RuntimeError as e:
             raise ValueError(f"the tensors in {folder} do not fit its config.json: {e}") from None
+        # The RoPE tables are no parameters: computed afresh, in float32, as transformers does.
+        model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.max_seq_len + 1, config.rope_theta)
         return model
 
 
@@ -684,7 +695,7 @@ def read_safetensors(folder):
     return tensors
 
 
-# copied from data.py: draw_shape
+# copied from images.py: draw_shape
 def draw_shape(pen, shape, cx, cy, r, fill):
     """A circle, square or triangle of half-width r centred on (cx, cy), with a pillow ImageDraw pen."""
     if shape == "circle":

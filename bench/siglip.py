@@ -6,7 +6,7 @@ Prints a markdown table of image-text pairs per second for one training step (bo
 sigmoid loss, backward, AdamW), ours against transformers' SiglipModel(return_loss=True) with its
 default attention (sdpa) and with eager attention, at two shapes:
 - recipe: siglip.TRAIN_RECIPE, what `python train.py --model siglip` trains (32x32 images in 4x4
-  patches, width 96, 3 vision and 2 text layers, 16 tokens, batch 64); best of --repeats;
+  patches, width 64, 2 vision layers and 1 text layer, 16 tokens, batch 64); best of --repeats;
 - vit-ti: a ViT-Ti-like vision tower (224x224 images in 16x16 patches, width 192, 3 heads, 12
   layers) and a text tower of the same width (64 tokens, 12 layers), batch 32; best of 4, ours and
   transformers sdpa only (a step takes seconds).
@@ -16,7 +16,8 @@ Both sides run the same kernels (MKL matmuls, the CPU flash attention, tanh GELU
 work: the pooling head never projects the patches to keys and values, the text tower's last block
 computes only the pooled position, and the patches are embedded by one matmul that leaves them
 contiguous (see siglip.py). Ours runs with positives="diagonal", the loss transformers computes; the
-"same_text" column adds the default positives (torch.unique over the batch's captions).
+"same_text" column with positives="same_text", where an image also matches every caption of the batch
+with the same token ids as its own.
 
 The contenders take turns and each number is the best of its turns: on shared cores noise only ever
 slows a run down. --threads defaults to 1 because on cores that other processes also use, a second
@@ -88,6 +89,8 @@ def bench_shape(name, shape, repeats, transformers):
         if "transformers eager" in shape["contenders"]:
             models["transformers eager"] = transformers.SiglipModel.from_pretrained(folder, attn_implementation="eager")
     models["ours"].config.positives = "diagonal"  # transformers' loss
+    if "ours (same_text)" in models:
+        models["ours (same_text)"].config.positives = "same_text"
     B, S, T = shape["batch"], shape["vision"]["image_size"], shape["text"]["max_position_embeddings"]
     g = torch.Generator().manual_seed(1)
     pixel_values = torch.rand(B, 3, S, S, generator=g) * 2 - 1

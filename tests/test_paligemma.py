@@ -1,11 +1,16 @@
 """paligemma.py against Hugging Face transformers' PaliGemmaForConditionalGeneration, plus the loss, the
 prefix-LM mask, cached decoding and the config's checks."""
 
+import shutil
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from paligemma import Config, Model, sample_next, suffix_targets
+import paligemma
+from paligemma import Config, Model, preprocess, sample_next, suffix_targets
 
 from conftest import reference  # noqa: E402
 
@@ -191,12 +196,60 @@ def test_bad_inputs_get_clear_errors(pair):
         model.generate(pixel_values.repeat(2, 1, 1, 1), ids, 2)
 
 
+def test_unexpected_tensors_are_refused(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, folder = pair
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({**tensors, "language_model.model.extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="does not have: language_model.model.extra.weight"):
+        Model.from_pretrained(tmp_path)
+
+
+def test_a_stored_copy_of_the_tied_head_loads_and_an_untied_head_is_refused(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, model, folder = pair
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    tensors = load_file(tmp_path / "model.safetensors")
+    embedding = next(v for k, v in tensors.items() if k.endswith("embed_tokens.weight"))
+    save_file({**tensors, "lm_head.weight": embedding.clone()}, tmp_path / "model.safetensors")
+    torch.testing.assert_close(Model.from_pretrained(tmp_path).state_dict(), model.state_dict(), rtol=0, atol=0)
+    save_file({**tensors, "lm_head.weight": embedding + 1}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="differs from the embedding"):
+        Model.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_builds_on_meta_and_keeps_the_files_tensors(pair, monkeypatch):
+    """The model is built on the meta device, where the random initialisation touches no memory, and the
+    tensors read from the file become its parameters: the weights are never held twice."""
+    _, model, folder = pair
+    read, initialised = [], []
+    read_safetensors, xavier_uniform_ = paligemma.read_safetensors, torch.nn.init.xavier_uniform_
+
+    def reading(folder):
+        tensors = read_safetensors(folder)
+        read.extend(tensors.values())
+        return tensors
+
+    def initialising(tensor, *args, **kwargs):
+        initialised.append(tensor.device.type)
+        return xavier_uniform_(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(paligemma, "read_safetensors", reading)
+    monkeypatch.setattr(torch.nn.init, "xavier_uniform_", initialising)
+    loaded = Model.from_pretrained(folder)
+    assert initialised and set(initialised) == {"meta"}
+    assert {p.data_ptr() for p in loaded.parameters()} <= {t.data_ptr() for t in read}
+    for name in ("rope_cos", "rope_sin"):  # buffers, computed again on the CPU
+        assert torch.equal(getattr(loaded, name), getattr(model, name))
+
+
 @pytest.mark.parametrize("layout", ["hub", "runtime"])
 def test_other_tensor_layouts_load_the_same_weights(pair, tmp_path, layout):
     """The released checkpoints name the vision tower vision_tower.vision_model.*; transformers 5 holds the
     model as model.vision_tower.*, model.language_model.* (without the inner .model)."""
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     _, model, folder = pair
@@ -262,3 +315,55 @@ def test_greedy_generate_of_a_left_padded_batch_matches_transformers(pair):
                             token_type_ids=torch.zeros_like(full), max_new_tokens=8, do_sample=False,
                             eos_token_id=None, pad_token_id=0)[:, width:]
     assert torch.equal(out, expected)
+
+
+def test_training_forward_compiles_without_graph_breaks():
+    """A forward with its loss is one graph for torch.compile: nothing in it waits on a value of the
+    device (a check of prefix_len's values, .item(), a data-dependent branch)."""
+    model = Model(Config(image_size=8, patch_size=4, vision_dim=16, vision_layers=1, vision_heads=2,
+                         vision_mlp_dim=24, vocab_size=20, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8,
+                         ffn_dim=24, max_seq_len=16))
+    ids, prefix_len = torch.randint(0, 20, (3, 8)), torch.tensor([2, 5, 8])
+    explanation = torch._dynamo.explain(model)(torch.randn(3, 3, 8, 8), ids, prefix_len,
+                                               suffix_targets(ids, prefix_len))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+# transformers' processor turns its output into numpy arrays in a way numpy 2 warns about.
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_paligemma_processor_output_maps_onto_forward(pair):
+    """The recipe of paligemma.py's docstring: a PaliGemmaProcessor's output, its placeholders dropped,
+    prefix_len from its token_type_ids and attention_mask and suffix_targets give transformers' logits,
+    and its loss on the processor's own labels. A word-level tokenizer stands in for Gemma's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    ref, model, _ = pair
+    words = ["<pad>", "<eos>", "<bos>", "<unk>", "\n", "caption", "answer", "en", "what", "color?", "a", "red", "cat",
+             "on", "mat"]
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(VOCAB - len(words))])}
+    words_of = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words_of.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", "removed"),
+                                                      pre_tokenizers.Split("\n", "isolated")])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words_of, bos_token="<bos>", eos_token="<eos>",
+                                                     pad_token="<pad>", unk_token="<unk>", padding_side="right")
+    image_processor = transformers.SiglipImageProcessor(size={"height": 12, "width": 12})
+    image_processor.image_seq_length = N_IMAGE
+    processor = transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    assert processor.image_token_id == IMAGE_TOKEN
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)) for _ in range(2)]
+    out = processor(images=pictures, text=["<image>caption en", "<image>answer en what color?"],
+                    suffix=["a red cat on a mat", "red"], padding="longest", return_tensors="pt")
+
+    input_ids = out["input_ids"][:, N_IMAGE:]
+    prefix_len = ((out["token_type_ids"] == 0) & (out["attention_mask"] == 1)).sum(1) - N_IMAGE
+    targets = suffix_targets(input_ids, prefix_len, tokenizer.pad_token_id)
+    assert prefix_len.tolist() == [4, 6]  # bos, the prefix's words, "\n"
+    torch.testing.assert_close(out["pixel_values"], preprocess(pictures, 12), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        expected = ref(**out)
+        logits, loss = model(out["pixel_values"], input_ids, prefix_len, targets)
+    for row, n in enumerate((out["attention_mask"].sum(1) - N_IMAGE).tolist()):
+        torch.testing.assert_close(logits[row, :n], expected.logits[row, N_IMAGE : N_IMAGE + n], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=1e-5)

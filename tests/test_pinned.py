@@ -7,8 +7,9 @@ their bytes: the same float32 arithmetic summed in another order (another CPU, a
 the last bits, while a real change in the data, the initialization, the optimizer or the model moves
 the sums by far more than the tolerance.
 
-`python tests/test_pinned.py` rewrites tests/pinned.json from the code as it is: do it only when a
-change is meant to change what a run gives, and say so in the commit.
+`python tests/test_pinned.py [NAME ...]` rewrites tests/pinned.json from the code as it is: do it
+only when a change is meant to change what a run gives, and say so in the commit. Since the pins
+were taken, SigLIP's probe no longer decays (only matrices do).
 """
 
 import hashlib
@@ -29,11 +30,11 @@ STEPS = 20
 def first_batch(name):
     """The first batch the default pipeline of model file `name` gives train.py, with seed 0."""
     import data
+    import flags
     import runs
-    import train
 
     module = importlib.import_module(name)
-    args = train.parse_args(["--model", name])
+    args = flags.parse_args(["--model", name])
     pipe = data.pipeline(module, args)
     config = runs.build_config(module, {**args.overrides, **pipe.model_config()})
     return next(iter(pipe.stream(config, args.batch_size, seed=0)))
@@ -84,6 +85,10 @@ def test_the_default_run_gives_what_it_gave(name, cache, tmp_path, one_thread):
     assert got["first_batch"] == expected["first_batch"]
     assert sorted(got["weights"]) == sorted(expected["weights"])
     for key, (total, norm) in expected["weights"].items():
+        if key.endswith("k_proj.bias"):
+            # Softmax ignores a bias added to every key, so its gradient is rounding noise, which Adam
+            # scales up to steps of the learning rate: its value says nothing about the code.
+            continue
         assert got["weights"][key] == pytest.approx([total, norm], rel=1e-4, abs=1e-5), key
     assert got["losses"] == pytest.approx(expected["losses"], rel=1e-4)
     assert got["final"] == pytest.approx(expected["final"], rel=1e-4)

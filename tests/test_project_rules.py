@@ -1,4 +1,5 @@
-"""The project's own rules: every model file stands alone, and every marked copy equals its source."""
+"""The project's own rules: every model file stands alone, and every marked copy equals its source, or is
+its source with parts left out where the marker says it is adapted."""
 
 import ast
 import os
@@ -6,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ MODEL_FILES = [n for n in ("gpt_llama", "moe", "bpe", "siglip", "paligemma") if 
 # What a model file may import at module level; anything else must be imported inside the function
 # that needs it. bpe.py also needs `regex`, which tiktoken installs, for its Unicode split patterns.
 ALLOWED_TOP_LEVEL = {"torch", "numpy", "PIL", "regex"} | set(sys.stdlib_module_names)
-MARKER = re.compile(r"^\s*# copied from (\w+\.py): (\w+)\s*$")
+# "# copied from gpt_llama.py: rope_tables", or with "(adapted: what was left out)" after the name.
+MARKER = re.compile(r"^\s*# copied from (\w+\.py): (\w+)(?: \(adapted: (.+)\))?\s*$")
 
 
 def top_level_imports(tree):
@@ -111,8 +114,48 @@ def marked_copies(root=ROOT):
                 yield path, i, m.group(1), m.group(2)
 
 
+def tokens(line):
+    """Words, numbers and single punctuation characters of a line of source."""
+    return re.findall(r"\w+|[^\w\s]", line)
+
+
+def cut_problem(copy, original, reason):
+    """Why copy is not original with cuts that the reason names, or None.
+
+    Each line of copy is the next line of original, token for token, or a cut of it: the line with
+    tokens left out, a word of the reason among them. Lines of original may be left out in runs whose
+    first line holds a word of the reason. So a word or a line that the source gains later is no cut,
+    and the copy cannot fall behind unnoticed (but for a line added right after a run). Blank lines do
+    not count.
+    """
+    named = set(re.findall(r"\w+", reason))
+    wanted = [tokens(line) for line in copy.splitlines() if line.strip()]
+    in_run = False  # whether the line before was left out
+    for line in original.splitlines():
+        have = tokens(line)
+        if not have:
+            continue
+        if wanted and (wanted[0] == have or is_cut(wanted[0], have, named)):
+            wanted.pop(0)
+            in_run = False
+        elif in_run or named & set(have):
+            in_run = True
+        else:
+            return f"it leaves out or changes {line.strip()!r}, which names none of '{reason}'"
+    if wanted:
+        return f"{' '.join(wanted[0])!r} is no line of the source with words left out"
+    return None
+
+
+def is_cut(short, long, named):
+    """Whether short is long with tokens left out, a word of named among them."""
+    rest = iter(long)
+    return all(token in rest for token in short) and bool(named & set(Counter(long) - Counter(short)))
+
+
 def copy_problem(path, line, source_file, name):
-    """Why the copy marked at path:line differs from its source, or None when it is identical."""
+    """Why the copy marked at path:line differs from its source, or None when it is identical (or, when
+    the marker says it is adapted, its source with parts left out)."""
     source_path = path.parent / source_file
     if not source_path.exists():
         return f"{path.name}:{line} names {source_file}, which does not exist"
@@ -125,9 +168,14 @@ def copy_problem(path, line, source_file, name):
     start, copy = copies[name]
     if start != line + 1:
         return f"{path.name}:{line}: the marker must stand on the line right above {name}"
-    if copy != originals[name][1]:
-        return f"{path.name}:{start}: {name} has drifted from {source_file}; copy it again or change both"
-    return None
+    original, adapted = originals[name][1], MARKER.match(path.read_text().splitlines()[line - 1]).group(3)
+    if not adapted:
+        return None if copy == original else (f"{path.name}:{start}: {name} has drifted from {source_file}; "
+                                              "copy it again or change both")
+    if copy == original:
+        return f"{path.name}:{line}: {name} is an exact copy; drop '(adapted: {adapted})' from the marker"
+    problem = cut_problem(copy, original, adapted)
+    return problem and f"{path.name}:{start}: {name} has drifted from {source_file}: {problem}; copy it again"
 
 
 def test_copy_markers_are_well_formed():
@@ -135,7 +183,8 @@ def test_copy_markers_are_well_formed():
     for path in sorted(ROOT.glob("*.py")):
         for i, line in enumerate(path.read_text().splitlines(), start=1):
             if "copied from" in line.lower() and "#" in line:
-                assert MARKER.match(line), f"{path.name}:{i}: write it as '# copied from <file>.py: <Name>'"
+                assert MARKER.match(line), (f"{path.name}:{i}: write it as '# copied from <file>.py: <Name>', "
+                                            "optionally followed by ' (adapted: <what was left out>)'")
 
 
 COPIES = list(marked_copies())
@@ -166,6 +215,40 @@ def test_copy_check_catches_drift(tmp_path):
     assert "drifted" in verdicts["drifted"]
     assert "right above" in verdicts["misplaced"]
     assert "has no top-level" in verdicts["unknown"]
+
+
+def test_copy_check_catches_drift_in_adapted_copies(tmp_path):
+    """An adapted copy may cut what its marker names. A changed, added or moved word or line fails, and so
+    does a source that changes or gains words in a line the copy keeps, or gains a line: the copy would
+    fall behind. An adapted copy that is in fact exact fails too."""
+    source = ('def norm(x, scale=None):\n    """x halved, times scale if given."""\n    if scale is not None:\n'
+              "        x = x * scale\n    return x / 2\n")
+    marker = "# copied from a.py: norm (adapted: no scale)\n"
+    assert MARKER.match(marker.strip()).group(3) == "no scale"
+    pruned = 'def norm(x):\n    """x halved."""\n    return x / 2\n'
+    cases = {  # (source, copy)
+        "pruned": (source, pruned),
+        "changed": (source, pruned.replace("x / 2", "x / 3")),
+        "added": (source, pruned.replace("x / 2", "x / 2 + 1")),
+        "swapped": (source, pruned.replace("x / 2", "2 / x")),
+        "swapped in a cut": (source, pruned.replace("x halved.", "halved x.")),
+        "moved": (source, 'def norm(x):\n    return x / 2\n    """x halved."""\n'),
+        "cut, not named": (source, pruned.replace("x / 2", "x")),
+        "source changed": (source.replace("x / 2", "x * 0.5"), pruned),
+        "source gained words": (source.replace("x / 2", "x / 2.0"), pruned),
+        "source gained a line": (source.replace("    if scale", "    x = x.float()\n    if scale"), pruned),
+        "exact": (source, source),
+    }
+    verdicts = {}
+    for case, (original, copy) in cases.items():
+        (tmp_path / "a.py").write_text(original)
+        (tmp_path / "b.py").write_text(marker + copy)
+        [(path, line, source_file, name)] = marked_copies(tmp_path)
+        verdicts[case] = copy_problem(path, line, source_file, name)
+    assert verdicts.pop("pruned") is None
+    assert "is an exact copy" in verdicts.pop("exact")
+    for case, verdict in verdicts.items():
+        assert verdict and "drifted" in verdict, case
 
 
 @pytest.mark.parametrize("name", [n for n in ("train", "sample", "data") if (ROOT / f"{n}.py").exists()])

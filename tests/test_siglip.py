@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import siglip
-from siglip import Config, Model, preprocess, sigmoid_loss
+from siglip import Config, Model, preprocess, sigmoid_loss, sigmoid_loss_definition
 
 from conftest import ROOT, reference  # noqa: E402
 
@@ -161,6 +161,29 @@ def test_unexpected_tensors_are_refused(tmp_path):
         Model.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_builds_on_meta_and_keeps_the_files_tensors(tmp_path, monkeypatch):
+    """The model is built on the meta device, where the random initialisation touches no memory, and the
+    tensors read from the file become its parameters: the weights are never held twice."""
+    hf_siglip(tmp_path, "even")
+    read, initialised = [], []
+    read_safetensors, xavier_uniform_ = siglip.read_safetensors, torch.nn.init.xavier_uniform_
+
+    def reading(folder):
+        tensors = read_safetensors(folder)
+        read.extend(tensors.values())
+        return tensors
+
+    def initialising(tensor, *args, **kwargs):
+        initialised.append(tensor.device.type)
+        return xavier_uniform_(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(siglip, "read_safetensors", reading)
+    monkeypatch.setattr(torch.nn.init, "xavier_uniform_", initialising)
+    model = Model.from_pretrained(tmp_path)
+    assert initialised and set(initialised) == {"meta"}
+    assert {p.data_ptr() for p in model.parameters()} <= {t.data_ptr() for t in read}
+
+
 # ------------------------------------------------------------------------------------------ the loss
 
 
@@ -191,6 +214,35 @@ def test_loss_equals_the_formula_by_hand():
     assert diagonal.item() == pytest.approx(loss_by_hand(image, text, 7.5, -4.0), rel=1e-6)
     assert same_text.item() == pytest.approx(loss_by_hand(image, text, 7.5, -4.0, captions), rel=1e-6)
     assert same_text.item() != pytest.approx(diagonal.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("same_text", [False, True])
+def test_blocks_equal_the_definition_in_value_and_gradients(same_text):
+    """sigmoid_loss, in checkpointed blocks, against sigmoid_loss_definition on the whole matrix; the
+    definition against the formula by hand. Captions 3 and 6 differ in their second token only."""
+    image, text = embeddings(7)
+    ids = torch.tensor([[1, 0], [2, 0], [1, 0], [3, 1], [2, 0], [1, 0], [3, 0]]) if same_text else None
+    labels = torch.arange(7)[:, None] if ids is None else ids
+    captions = None if ids is None else [tuple(row) for row in ids.tolist()]
+    results = []
+    for loss_of in (lambda x, y, t, b: sigmoid_loss_definition(x, y, t, b, labels, labels),
+                    lambda x, y, t, b: sigmoid_loss(x, y, t, b, ids, chunk_size=3)):
+        leaves = [image.clone().requires_grad_(), text.clone().requires_grad_(),
+                  torch.tensor([2.0], requires_grad=True), torch.tensor([-3.0], requires_grad=True)]
+        x, y, t_prime, b = leaves
+        loss = loss_of(x, y, t_prime.exp(), b)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in leaves]))
+    assert results[0][0].item() == pytest.approx(loss_by_hand(image, text, np.exp(2.0), -3.0, captions), rel=1e-6)
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for g, g0 in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g, g0)
+
+
+def test_gather_without_torch_distributed_is_refused():
+    image, text = embeddings(4)
+    with pytest.raises(ValueError, match="gather=True needs torch.distributed"):
+        sigmoid_loss(image, text, torch.tensor([5.0]), torch.tensor([-2.0]), gather=True)
 
 
 @pytest.mark.parametrize("same_text", [False, True])
@@ -249,7 +301,9 @@ def test_model_loss_uses_the_configured_positives():
 
 
 # Run by torch.distributed.run in two processes: each takes half of the batch in batch.pt, runs the model
-# under DistributedDataParallel and sigmoid_loss on half of the embeddings, and saves losses and gradients.
+# under DistributedDataParallel and sigmoid_loss on half of the embeddings, both with gather=True, and
+# saves losses and gradients. Then rank 0 alone computes a loss without gather: were the captions gathered
+# all the same, it would wait for rank 1 until the timeout.
 DDP_SCRIPT = textwrap.dedent("""
     import datetime, os, sys
     import torch
@@ -270,15 +324,18 @@ DDP_SCRIPT = textwrap.dedent("""
             torch.manual_seed(0)
             model = siglip.Model(siglip.Config(**TINY, positives=positives, loss_chunk_size=3))
             ddp = DistributedDataParallel(model)  # kept alive: its hooks average the gradients in backward
-            _, loss = ddp(pixel_values=mine["pixel_values"], input_ids=mine["input_ids"])
+            _, loss = ddp(pixel_values=mine["pixel_values"], input_ids=mine["input_ids"], gather=True)
             loss.backward()
             results[positives] = (loss.detach(), {k: p.grad for k, p in model.named_parameters()})
             x = mine["image"].clone().requires_grad_()
             y = mine["text"].clone().requires_grad_()
             loss = siglip.sigmoid_loss(x, y, torch.tensor([5.0]), torch.tensor([-2.0]),
-                                       mine["input_ids"] if positives == "same_text" else None, 3)
+                                       mine["input_ids"] if positives == "same_text" else None, 3, gather=True)
             loss.backward()
             results[positives + " embeddings"] = (loss.detach(), {"image": x.grad, "text": y.grad})
+        if rank == 0:
+            results["alone"] = siglip.sigmoid_loss(mine["image"], mine["text"], torch.tensor([5.0]),
+                                                   torch.tensor([-2.0]))
         torch.save(results, os.path.join(sys.argv[2], f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -325,6 +382,8 @@ def test_two_processes_equal_one_with_the_whole_batch(tmp_path):
         torch.testing.assert_close((results[0][0] + results[1][0]) / 2, loss.detach())
         for key, full in (("image", x.grad), ("text", y.grad)):
             torch.testing.assert_close(torch.cat([results[r][1][key] for r in range(2)]) / 2, full)
+    alone = sigmoid_loss(batch["image"][:4], batch["text"][:4], torch.tensor([5.0]), torch.tensor([-2.0]))
+    torch.testing.assert_close(ranks[0]["alone"], alone)
 
 
 # ------------------------------------------------------------------------------------- preprocessing
@@ -455,6 +514,17 @@ def test_paper_initialisation_and_metrics():
     logits, _ = model(pixel_values, input_ids)
     torch.testing.assert_close(logits, torch.zeros(4, 4))  # t + b with t = 10, b = -10
     assert model.metrics()["gap"] == pytest.approx(0, abs=1e-5)
+
+
+@pytest.mark.parametrize("positives", ["diagonal", "same_text"])
+def test_training_forward_compiles_without_graph_breaks(positives):
+    """A forward with its loss, blocks and all, is one graph for torch.compile: nothing in it waits on a
+    value of the device (torch.unique, .item(), a data-dependent branch)."""
+    model = Model(tiny_config(positives=positives, loss_chunk_size=3))
+    pixel_values, input_ids = torch.randn(7, 3, 8, 8), torch.randint(0, 20, (7, 5))
+    explanation = torch._dynamo.explain(model)(pixel_values, input_ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
 
 
 def test_flops_per_token_counts_every_matmul():
