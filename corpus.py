@@ -16,6 +16,9 @@ A corpus takes one of two paths (is_small_corpus):
               by worker processes into shards of SHARD_TOKENS ids, each document ending in
               <|endoftext|> (prepare_shards), read back as one array (TokenShards)
 
+records() reads a .jsonl, parquet or dataset source as whole records, for the conversations of
+conversations.py.
+
 Text files are UTF-8: one whose first SNIFF_BYTES hold a NUL byte or a quarter of undecodable bytes is
 refused by name (check_text), while a few undecodable bytes are replaced by U+FFFD with a warning.
 
@@ -105,7 +108,7 @@ def documents(source, text_field="text"):
         return
     path = Path(source).expanduser()
     if is_saved_dataset(path):
-        yield from saved_dataset_documents(path, text_field)
+        yield from arrow_documents(saved_dataset_batches(path), text_field, path)
         return
     for file in corpus_files(source):
         if file.suffix == ".jsonl":
@@ -114,6 +117,27 @@ def documents(source, text_field="text"):
             yield from parquet_documents(file, text_field)
         else:
             yield from text_documents(file)
+
+
+def records(source):
+    """(where, record) for each record of source, a dict of its fields, in the order documents() reads
+    them: each .jsonl line, parquet or dataset row, where saying which ("chats.jsonl line 3"). A .txt
+    file holds text, not records."""
+    if source.startswith("hf:"):
+        yield from ((f"record {number} of {source}", record)
+                    for number, record in enumerate(hub_dataset_records(source[3:]), start=1))
+        return
+    path = Path(source).expanduser()
+    if is_saved_dataset(path):
+        yield from arrow_records(saved_dataset_batches(path), path)
+        return
+    for file in corpus_files(source):
+        if file.suffix == ".jsonl":
+            yield from jsonl_records(file)
+        elif file.suffix == ".parquet":
+            yield from arrow_records(parquet_file(file).iter_batches(batch_size=1024), file)
+        else:
+            raise UserError(f"{file} holds text, not records; records come in .jsonl or .parquet files or datasets")
 
 
 def corpus_files(source):
@@ -234,6 +258,13 @@ def text_documents(path):
 
 
 def jsonl_documents(path, text_field):
+    for where, record in jsonl_records(path):
+        if not isinstance(record.get(text_field), str):
+            raise UserError(f"{where} has no {text_field!r} field holding text; name the field with --text-field")
+        yield record[text_field]
+
+
+def jsonl_records(path):
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -241,12 +272,10 @@ def jsonl_documents(path, text_field):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise UserError(f"{path} line {number} is not JSON; each line must be an object with a "
-                                f"{text_field!r} field") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise UserError(f"{path} line {number} has no {text_field!r} field holding text; "
-                                "name the field with --text-field") from None
-            yield record[text_field]
+                raise UserError(f"{path} line {number} is not JSON; each line must be a JSON object") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path} line {number} is not a JSON object; each line must be one")
+            yield f"{path} line {number}", record
 
 
 def arrow_documents(batches, text_field, where):
@@ -258,24 +287,39 @@ def arrow_documents(batches, text_field, where):
         yield from (text for text in batch.column(text_field).to_pylist() if text is not None)
 
 
-def parquet_documents(path, text_field):
+def arrow_records(batches, where):
+    """(where, record) of each row of an iterable of pyarrow record batches."""
+    number = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            number += 1
+            yield f"row {number} of {where}", record
+
+
+def parquet_file(path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"reading {path} needs pyarrow; install it with pip install pyarrow") from None
     try:
         parquet = pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
+        parquet.schema_arrow
     except Exception as e:  # pyarrow raises several error types for files that are not parquet
         raise UserError(f"cannot read the parquet file {path} ({in_one_line(e)})") from None
+    return parquet
+
+
+def parquet_documents(path, text_field):
+    parquet = parquet_file(path)
+    names = parquet.schema_arrow.names
     if text_field not in names:
         raise UserError(f"{path} has no {text_field!r} column (it has {', '.join(names)}); name the column with --text-field")
     yield from arrow_documents(parquet.iter_batches(batch_size=1024, columns=[text_field]), text_field, path)
 
 
-def saved_dataset_documents(path, text_field):
-    """A folder of Hugging Face datasets' save_to_disk, read with pyarrow (its files are Arrow
-    streams, listed in state.json); of a DatasetDict, the train split."""
+def saved_dataset_batches(path):
+    """The record batches of a folder of Hugging Face datasets' save_to_disk, read with pyarrow (its files
+    are Arrow streams, listed in state.json); of a DatasetDict, the train split."""
     try:
         import pyarrow as pa
     except ImportError:
@@ -291,25 +335,26 @@ def saved_dataset_documents(path, text_field):
     for file in files:
         try:
             with pa.memory_map(str(file)) as source:
-                yield from arrow_documents(pa.ipc.open_stream(source), text_field, path)
+                yield from pa.ipc.open_stream(source)
         except (OSError, pa.ArrowInvalid) as e:
             raise UserError(f"cannot read the dataset file {file} ({in_one_line(e)})") from None
 
 
 def hub_dataset_documents(name, text_field):
+    for record in hub_dataset_records(name):
+        if not isinstance(record.get(text_field), str):
+            raise UserError(f"the dataset {name} has no {text_field!r} column holding text; name it with --text-field")
+        yield record[text_field]
+
+
+def hub_dataset_records(name):
     """hf:NAME: a dataset of the Hugging Face hub, streamed by the datasets package (its train split)."""
     try:
         import datasets
     except ImportError:
         raise UserError(f"--data hf:{name} needs the datasets package; install it with pip install datasets") from None
     try:
-        stream = datasets.load_dataset(name, split="train", streaming=True)
-        for record in stream:
-            if not isinstance(record.get(text_field), str):
-                raise UserError(f"the dataset {name} has no {text_field!r} column holding text; name it with --text-field")
-            yield record[text_field]
-    except UserError:
-        raise
+        yield from datasets.load_dataset(name, split="train", streaming=True)
     except Exception as e:  # network, missing dataset, bad config: said by datasets in many error types
         raise UserError(f"could not read the dataset {name} ({in_one_line(e)})") from None
 
@@ -346,7 +391,7 @@ class Cleaner:
 
     def report(self):
         return (f"cleaning normalized {self.normalized:,} documents to NFC, removed {self.controls:,} control "
-                f"characters and dropped {self.duplicates:,} duplicate documents ({self.duplicate_bytes / 1e6:,.1f} MB)")
+                f"characters and dropped {self.duplicates:,} duplicate documents ({size(self.duplicate_bytes)})")
 
 
 def corpus_documents(source, text_field="text", clean=False):
@@ -413,6 +458,9 @@ def train_tokenizer(text, vocab_size, pattern=None, special_tokens=(), content_k
         tokenizer = bpe.train(text, vocab_size, pattern=pattern, special_tokens=list(special_tokens) or None)
     except ValueError as e:  # a vocabulary size bpe.py cannot train, said in its own words
         raise UserError(str(e)) from None
+    learned = tokenizer.n_vocab - len(special_tokens)
+    if learned < vocab_size:  # merging stops when no pair occurs twice
+        print(f"the text held too few repeated pairs for {vocab_size} tokens: the tokenizer has {learned}", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}."))
     tokenizer.save(tmp)
@@ -688,8 +736,26 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def size(n_bytes):
+    """'3.2 MB', '41.0 KB' or '512 bytes': a size in the largest unit that keeps it 1 or more."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:,.1f} {unit}"
+    return f"{n_bytes:,} bytes"
+
+
 def in_one_line(error, limit=160):
     """An exception's message on one line, cut to limit characters: torch's state-dict errors list
     every key over several lines, pyarrow's its context."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+if __name__ == "__main__":
+    # python corpus.py my_texts: the built-in corpus as one .txt file a topic, to try --data on a folder.
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "my_texts")
+    folder.mkdir(parents=True, exist_ok=True)
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        (folder / f"{re.sub(r'[^A-Za-z0-9]+', '_', key)}.txt").write_text(topics[key], encoding="utf-8")
+    print(f"{len(topics)} .txt files in {folder}")

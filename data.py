@@ -5,7 +5,9 @@ cuts windows of tokens from the corpus that corpus.py prepares and scores them i
 A model file names its pipeline with TASK; PIPELINES maps that name to a class, and
 pipeline(module, options) makes the one module's TASK names from train.py's options:
     causal_lm   text -> byte-level BPE (bpe.py) -> token files or shards (corpus.py) -> windows of
-                max_seq_len tokens {"idx": (B, T), "targets": (B, T)}, the targets shifted by one (here)
+                max_seq_len tokens {"idx": (B, T), "targets": (B, T)}, the targets shifted by one (here);
+                or conversations, records of chat messages (conversations.py) -> {"idx", "targets",
+                "loss_weight"}, a conversation a row, where only the assistant's tokens are scored
     image_text  pictures of shapes, or an image folder with captions (images.py) -> {"pixel_values":
                 (B, 3, S, S), "input_ids": (B, max_seq_len)}, captions padded to a fixed length
     prefix_lm   pictures of shapes with questions, or an image folder with prefixes and suffixes
@@ -34,26 +36,25 @@ which one it drives:
         (m * world_size + r) * batch_size on, so 2 ranks of batch B see what 1 rank of batch 2B sees
     evaluate(model, config, batch_size, device, autocast, max_tokens=None)
         validation metrics, a dict of floats whose first key is val_loss; under DDP every rank takes
-        its share and the sums are all-reduced, so the numbers are those of one process
+        its share and the sums are all-reduced, so the numbers are those of one process; a key
+        "answers" holds no number but text that train.py shows under them (answers to held-out questions)
     eval_examples(config, max_tokens=None)   how many examples one evaluation reads, to plan a time budget
     demo(model, device, max_new_tokens, seed)   a short sample to print at the end of training
     save(out_dir)                    what sample.py needs besides the weights (the tokenizer)
 
 A batch is a dict that train.py hands to the model as model(**batch), its tensors moved to the
 device. Two keys are more than tensors of examples:
-    loss_weight  where the loss is a mean over a varying number of tokens (the prefix-LM answers),
-                 that number; train.py takes it out and weighs each micro-batch's mean by its share of
-                 the step's tokens over every micro-batch and process, so that accumulation and DDP
-                 train as one big batch does
+    loss_weight  where the loss is a mean over a varying number of tokens (the answers of prefix-LM
+                 and conversation batches), that number; train.py takes it out and weighs each
+                 micro-batch's mean by its share of the step's tokens over every micro-batch and
+                 process, so that accumulation and DDP train as one big batch does
     gather       True in an image-text batch when several processes train: the model then scores
                  every image against the captions of all processes, as one batch of them all would
 """
 
 import inspect
 import math
-import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,8 +62,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
+import conversations
 import corpus
 import images
+import runs
 from corpus import UserError
 
 
@@ -93,6 +96,9 @@ class CausalLM:
 
     @classmethod
     def from_options(cls, options, module, tokenizer=None):
+        """The pipeline of --data: this one for text, conversations.Conversations for records of chats."""
+        if conversations.is_conversations(options.data, options.text_field):
+            return conversations.Conversations.from_options(options, module, tokenizer)
         return cls(options.data, options.vocab_size, tokenizer=tokenizer, text_field=options.text_field,
                    clean=options.clean, workers=options.workers)
 
@@ -138,6 +144,7 @@ class CausalLM:
         return (
             f"{len(self.train_tokens):,} training and {len(self.val_tokens):,} validation tokens, "
             f"vocabulary {self.tokenizer.n_vocab}"
+            + ("" if self.separator is None else f" ({self.tokenizer.decode([self.separator])} ends each document)")
         )
 
     def model_config(self):
@@ -199,15 +206,12 @@ class CausalLM:
         ids = self.tokenizer.encode_ordinary(prompt)
         max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(ids))
         idx = torch.tensor([ids], dtype=torch.long, device=device)
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
-        return self.tokenizer.decode(out[0].tolist())
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, eos_id=self.separator)
+        ids = out[0].tolist()
+        return self.tokenizer.decode(ids[: ids.index(self.separator)] if self.separator in ids else ids)
 
     def save(self, out_dir):
-        if self.tokenizer_files is None:
-            self.tokenizer.save(out_dir)
-            return
-        for path in self.tokenizer_files:  # a pretrained tokenizer, in its own files, as sample.py reads them
-            corpus.atomic_write(Path(out_dir) / path.name, lambda tmp, path=path: shutil.copyfile(path, tmp))
+        runs.save_tokenizer(out_dir, self.tokenizer, self.tokenizer_files)
 
 
 class WindowStream(IterableDataset):

@@ -2,9 +2,10 @@
 train.py's command line: every flag, its default and its range, side by side.
 
 A flag's default comes from the model file's TRAIN_RECIPE, else from DEFAULTS below; --init DIR
-fine-tunes the model in DIR, whose config then holds but for the training context. A value out of
-range is refused by the flag's argparse type in one sentence ("--lr must be a positive number such as
-1e-3, got nan"), before anything is read or written; nan and inf never reach the optimizer.
+fine-tunes the model in DIR, whose config then holds but for the training context, and --lora R with it
+trains low-rank adapters instead of its weights (lora.py). A value out of range is refused by the
+flag's argparse type in one sentence ("--lr must be a positive number such as 1e-3, got nan"), before
+anything is read or written; nan and inf never reach the optimizer.
 """
 
 import argparse
@@ -37,6 +38,9 @@ DEFAULTS = dict(
 # A pretrained model (--init) takes small steps: a learning rate made for random weights would undo
 # what it knows in a few hundred steps. The rest of the recipe holds.
 INIT_LR = 5e-5
+# LoRA's adapters start from zero and carry a small share of the weights: they take larger steps (the
+# QLoRA paper, https://arxiv.org/abs/2305.14314, used 1e-4 to 2e-4).
+LORA_LR = 2e-4
 
 
 def parse_value(text):
@@ -81,11 +85,20 @@ BETA = ranged(float, "in [0, 1)", lambda v: 0 <= v < 1)
 NON_NEGATIVE = ranged(float, "0 or more", lambda v: v >= 0)
 
 
+def names(text):
+    """An argparse type: comma-separated names, none blank, as a tuple."""
+    found = tuple(name.strip() for name in text.split(","))
+    if not all(found):
+        raise argparse.ArgumentTypeError(f"must be comma-separated names such as wq,wv, got {text!r}")
+    return found
+
+
 def parse_args(argv):
     pre = argparse.ArgumentParser(add_help=False)
     choices = runs.model_choices()
     pre.add_argument("--model", default=None)
     pre.add_argument("--init", default=None)
+    pre.add_argument("--lora", nargs="?", default=None)  # "?": a missing value is for the full parser to say
     known = pre.parse_known_args(argv)[0]
     name = known.model or DEFAULT_MODEL
     if known.init is not None:
@@ -99,7 +112,7 @@ def parse_args(argv):
         recipe.update(getattr(importlib.import_module(name), "TRAIN_RECIPE", {}))
     r = recipe
     if known.init is not None:
-        recipe["lr"] = INIT_LR
+        recipe["lr"] = INIT_LR if known.lora is None else LORA_LR
 
     p = runs.ArgumentParser(
         description="Train a model file of this project. Defaults come from the model's TRAIN_RECIPE "
@@ -107,7 +120,7 @@ def parse_args(argv):
         formatter_class=runs.HelpFormatter,
     )
     p.add_argument("--model", default=name, help=f"model file, one of: {', '.join(choices)}")
-    p.add_argument("--data", default=None, help="text models: a .txt, .jsonl or .parquet file, a folder or glob of them, an http(s) URL, a Hugging Face dataset folder (save_to_disk) or hf:NAME (needs datasets) (default: the stdlib's pydoc_data.topics); image-text models: an image folder with metadata.jsonl (default: pictures of shapes)")
+    p.add_argument("--data", default=None, help="text models: a .txt, .jsonl or .parquet file (.jsonl, parquet and datasets whose records hold \"messages\", or \"prompt\" and \"completion\", are conversations: the loss is on the answers), a folder or glob of them, an http(s) URL, a Hugging Face dataset folder (save_to_disk) or hf:NAME (needs datasets) (default: the stdlib's pydoc_data.topics); image-text models: an image folder with metadata.jsonl (default: pictures of shapes)")
     p.add_argument("--text-field", type=named("a field, such as text"), default="text", help="text models: the field of a .jsonl line, or the column of a parquet file or dataset, that holds the text")
     p.add_argument("--clean", action="store_true", help="text models: normalize each document to NFC, remove control characters other than whitespace and drop exact-duplicate documents; says what it removed")
     p.add_argument("--out", default=None, help="output folder (default: out/<model> for the built-in data, out/<model>-<name of --data> otherwise)")
@@ -115,6 +128,17 @@ def parse_args(argv):
     p.add_argument("--init", default=None, metavar="DIR", help="fine-tune: start from the weights in DIR (a Hugging Face "
                    f"checkpoint folder or one train.py wrote) and use its tokenizer; the learning rate defaults to {INIT_LR}, "
                    "the context to the recipe's max_seq_len")
+    p.add_argument("--lora", type=ranged(int, "a positive rank such as 16", lambda v: v >= 1), default=None, metavar="R",
+                   help="with --init: train low-rank adapters of rank R (LoRA, see lora.py), the model's own weights frozen; "
+                   "model.safetensors gets the merged weights, adapter_model.safetensors and adapter_config.json the "
+                   f"adapters alone, as peft saves them; the learning rate defaults to {LORA_LR}")
+    p.add_argument("--lora-alpha", type=ranged(float, "a positive number such as 32", lambda v: v > 0), default=None,
+                   help="LoRA's alpha: the adapters' output is scaled by alpha / R (default: 2R)")
+    p.add_argument("--lora-targets", type=names, default=None, metavar="NAMES", help="the linear layers LoRA adapts, by "
+                   "the model file's names: wq,wk,wv,wo (attention) and w1,w2,w3 (MLP) in gpt_llama (default: all of "
+                   "the blocks', attention and MLP)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="with --lora: the dtype of "
+                   "the frozen weights; bfloat16 halves their memory (the adapters stay float32)")
     p.add_argument("--max-steps", type=COUNT, default=None, help="optimizer steps; fixes the schedule length and turns the time budget off unless --time-budget is given")
     p.add_argument("--time-budget", type=ranged(float, "0 (none) or a positive number of seconds", lambda v: v >= 0), default=None, help=f"seconds of wall time for the whole run, 0 for none (default: {r['time_budget']} unless --max-steps)")
     p.add_argument("--batch-size", type=COUNT, default=r["batch_size"], help="sequences per micro-batch per process")
@@ -136,7 +160,7 @@ def parse_args(argv):
     p.add_argument("--log-every", type=COUNT, default=10, help="steps between log lines when stdout is not a terminal")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--threads", type=ranged(int, "0 (automatic) or more", lambda v: v >= 0), default=0, help="CPU threads of torch; 0: torch's default, or 1 when the load average shows the cores busy with other jobs (threads that wait on each other then slow a step down many times)")
+    p.add_argument("--threads", type=ranged(int, "0 (automatic) or more", lambda v: v >= 0), default=0, help="CPU threads of torch, kept for the whole run; 0: measured as the run goes (threads.py): from torch's default (1 when the load average shows the cores busy), half as many are tried for a few steps at the start and whenever steps slow down several times, as when another process takes a core (the threads of a step wait for each other), and kept if faster; more are tried again later")
     p.add_argument("--workers", type=COUNT, default=None, help="text models: processes that encode a streamed corpus into token shards (default: the cores)")
     p.add_argument("--loader-workers", type=ranged(int, "0 or more", lambda v: v >= 0), default=None, help="DataLoader worker processes that prefetch batches (default: 2 on CUDA; 0 on CPU, where cutting a batch costs microseconds and a worker would take a core)")
     p.add_argument("--peak-flops", type=ranged(float, "a positive number of FLOP/s", lambda v: v > 0), default=None, help="peak FLOP/s of one device for MFU (default: known CUDA GPUs only)")
@@ -154,6 +178,17 @@ def parse_args(argv):
     # the training context (and --set) changed, since the other fields fix the weights' shapes.
     args.overrides = {**r["config"], **given} if args.init is None else given
     args.init_context = r["config"].get("max_seq_len")
+    if args.lora is not None and args.init is None:
+        raise UserError("--lora adapts a pretrained model: give --init DIR (a model trained from scratch has nothing to adapt)")
+    if args.lora is None:
+        for flag in ("--lora-alpha", "--lora-targets"):
+            if getattr(args, flag[2:].replace("-", "_")) is not None:
+                raise UserError(f"{flag} applies only with --lora R")
+        if args.dtype != "float32":
+            raise UserError("--dtype bfloat16 applies only with --lora R: full fine-tuning keeps float32 weights, "
+                            "which AdamW's small updates need")
+    elif args.lora_alpha is None:
+        args.lora_alpha = 2 * args.lora
     if args.time_budget is None:
         args.time_budget = 0 if args.max_steps is not None else r["time_budget"]
     if not args.time_budget and args.max_steps is None:

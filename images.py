@@ -586,23 +586,7 @@ class ImageFolder:
 
     @staticmethod
     def read(folder):
-        pairs = []
-        path = folder / "metadata.jsonl"
-        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise UserError(f"{path} line {n} is not JSON; each line must be {{\"file_name\": ..., \"text\": ...}}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("file_name"), str) or not isinstance(record.get("text"), str):
-                raise UserError(f"{path} line {n} has no \"file_name\" and \"text\" strings; "
-                                "each line must be {\"file_name\": ..., \"text\": ...}")
-            image = folder / record["file_name"]
-            if not image.is_file():
-                raise UserError(f"{path} line {n} names {record['file_name']}, which is not in {folder}")
-            pairs.append((image, record["text"]))
-        return pairs
+        return [(image, record["text"]) for image, record in metadata(folder, ("file_name", "text"))]
 
     def caption_corpus(self):
         return "\n".join(text for _, text in self.train)
@@ -652,25 +636,7 @@ class PrefixFolder(ImageFolder):
 
     @staticmethod
     def read(folder):
-        pairs = []
-        path = folder / "metadata.jsonl"
-        shape = '{"file_name": ..., "prefix": ..., "suffix": ...}'
-        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise UserError(f"{path} line {n} is not JSON; each line must be {shape}") from None
-            if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
-                                                       for k in ("file_name", "prefix", "suffix")):
-                raise UserError(f"{path} line {n} lacks the \"file_name\", \"prefix\" and \"suffix\" strings; "
-                                f"each line must be {shape}")
-            image = folder / record["file_name"]
-            if not image.is_file():
-                raise UserError(f"{path} line {n} names {record['file_name']}, which is not in {folder}")
-            pairs.append((image, (record["prefix"], record["suffix"])))
-        return pairs
+        return [(image, (r["prefix"], r["suffix"])) for image, r in metadata(folder, ("file_name", "prefix", "suffix"))]
 
     def corpus(self):
         return "\n".join(f"{p}\n{s}" for _, (p, s) in self.train + self.val)
@@ -686,7 +652,43 @@ class PrefixFolder(ImageFolder):
         return f"{len(self.train):,} training and {len(self.val):,} validation examples of an image, a prefix and a suffix"
 
 
+def metadata(folder, fields):
+    """(image path, record) for each line of folder/metadata.jsonl, a JSON object whose fields are strings
+    and whose file_name is a file of the folder."""
+    path = folder / "metadata.jsonl"
+    shape = "{" + ", ".join(f'"{f}": ...' for f in fields) + "}"
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path} line {n} is not JSON; each line must be {shape}") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(f), str) for f in fields):
+            names = [json.dumps(f) for f in fields]
+            raise UserError(f"{path} line {n} has no {', '.join(names[:-1])} and {names[-1]} strings; "
+                            f"each line must be {shape}")
+        image = folder / record["file_name"]
+        if not image.is_file():
+            raise UserError(f"{path} line {n} names {record['file_name']}, which is not in {folder}")
+        yield image, record
+
+
 def folder_fingerprint(folder):
     """sha256 over the names, sizes and texts of an image folder's examples, so that a resumed run
     notices other data under the same --data."""
     return corpus.sha256("\n".join(f"{p.name}\t{p.stat().st_size}\t{t}" for p, t in folder.train + folder.val))
+
+
+if __name__ == "__main__":
+    # python images.py pictures: one picture of each colour and shape, 32 pixels wide as the image models
+    # are trained on them, named by what they show (pictures/red_circle.png), to hand to sample.py --image.
+    import sys
+
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "pictures")
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = Shapes()
+    for i, (colour, shape) in enumerate(shapes.combos):
+        image, caption, _ = shapes.draw(np.random.default_rng([0, i]), colour, shape, 32)
+        image.save(folder / f"{colour}_{shape}.png")
+        print(f"{folder / f'{colour}_{shape}.png'}: {caption}")

@@ -1,14 +1,47 @@
 """
 loss.png of a training run, drawn from its metrics.jsonl: python plot.py out/gpt_llama
 
-train.py draws it at the end of a run when matplotlib is installed (pip install -e ".[plots]").
+One panel for the training and validation loss, then one for each other number the run logged:
+each evaluation metric (bits per byte, perplexity; accuracies, with the per-question ones of an
+image model beside its overall one) and each summary metric of the model (a mixture of experts' load
+balance). train.py draws it at the end of a run, and again when a finished run is rerun without one.
+It needs matplotlib: pip install -e ".[plots]".
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
 from corpus import atomic_write
+
+# What every step record holds; the rest of a record are the model's own metrics.
+STEP_KEYS = {"step", "loss", "lr", "mfu", "time"}
+
+
+def panels(records):
+    """{title: {line label: [(step, value), ...]}} in drawing order, loss first."""
+    out = {"loss": {}}
+    for r in records:
+        for key, value in r.items():
+            if key == "step" or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            if key == "loss":
+                title, label = "loss", "train"
+            elif key == "val_loss":
+                title, label = "loss", "validation"
+            elif key.startswith("val_"):
+                name = key.removeprefix("val_")
+                if name.startswith("accuracy"):  # val_accuracy_color and the like go beside val_accuracy
+                    title, label = "accuracy", name.removeprefix("accuracy").strip("_") or "all"
+                else:
+                    title, label = name, name
+            elif key in STEP_KEYS or key.endswith("_per_s") or any(c.isdigit() for c in key):
+                continue  # speed, and indexed metrics (per layer, per expert), which would be dozens of lines
+            else:
+                title, label = key, key
+            out.setdefault(title, {}).setdefault(label, []).append((r["step"], value))
+    return {title: lines for title, lines in out.items() if lines}
 
 
 def plot_run(out):
@@ -19,22 +52,26 @@ def plot_run(out):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed, so there is no loss.png (pip install -e \".[plots]\")")
+        print('matplotlib is not installed, so there is no loss.png (pip install -e ".[plots]")')
         return None
     out = Path(out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", alpha=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(out.name)
-    ax.legend()
-    ax.grid(alpha=0.3)
+    drawn = panels(records)
+    columns = min(3, len(drawn))
+    rows = -(-len(drawn) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
+    for ax, (title, lines) in zip(axes.flat, drawn.items()):
+        for label, points in lines.items():
+            ax.plot(*zip(*points), "o-" if len(points) < 30 else "-", label=label, markersize=3, alpha=0.85)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(drawn):]:
+        ax.axis("off")
+    fig.suptitle(out.name)
     fig.tight_layout()
     atomic_write(out / "loss.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
@@ -48,4 +85,3 @@ if __name__ == "__main__":
     png = plot_run(sys.argv[1])
     if png:
         print(f"loss curve in {png}")
-

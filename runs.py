@@ -10,9 +10,13 @@ Two kinds of folders hold a model:
     a run folder, written by train.py:
         config.json        {"model": model file, "task": TASK, "config": the Config's fields}
         model.safetensors  float32 weights; metadata {"step", "sha256" of the tensors' content}
-        tokenizer files    bpe.py's tokenizer.json + tokenizer.tiktoken, or those copied from --init
+        tokenizer files    bpe.py's tokenizer.json + tokenizer.tiktoken, or those copied from --init with
+                           its chat template and generation_config.json (the ids that end an answer)
         state.pt           optimizer, step, schedule, RNG and data position, with a sha256 of its content
         metrics.jsonl, loss.png
+        with --lora, model.safetensors holds the merged weights, and the adapters alone, which the run
+        trains and resumes from, are in peft's layout (lora.py): adapter_model.safetensors (metadata
+        as model.safetensors's) and adapter_config.json
     a Hugging Face folder: config.json with "architectures", model.safetensors (or shards and their
         index), tokenizer.json or Llama 3's tokenizer.model, generation_config.json.
 
@@ -29,10 +33,12 @@ import importlib
 import inspect
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
+import lora
 from corpus import UserError, atomic_write, in_one_line
 
 ROOT = Path(__file__).resolve().parent
@@ -89,7 +95,7 @@ def read_json(path, advice):
 
 def read_folder_config(folder):
     """config.json of a checkpoint folder: train.py's ({"model", "config", ...}) or a Hugging Face one."""
-    path = Path(folder) / "config.json"
+    path = existing(folder) / "config.json"
     saved = read_json(path, "pass a Hugging Face checkpoint folder or one that train.py wrote")
     if not isinstance(saved, dict):
         raise UserError(f"{path} is not a model's config; pass a Hugging Face checkpoint folder or one that train.py wrote")
@@ -124,9 +130,10 @@ def default_out(model, source):
     return Path("out") / f"{model}-{name}"
 
 
-def load_folder(folder, module):
-    """The model in a checkpoint folder, float32: train.py's (config.json and model.safetensors, checked
-    against the digest it carries) or a Hugging Face one (Model.from_pretrained)."""
+def load_folder(folder, module, dtype="float32"):
+    """The model in a checkpoint folder, in dtype (float32 or bfloat16): train.py's (config.json and
+    model.safetensors, float32, checked against the digest it carries) or a Hugging Face one
+    (Model.from_pretrained, which reads a bf16 checkpoint in bf16 without a float32 copy)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model, safe_open
 
@@ -139,8 +146,8 @@ def load_folder(folder, module):
                 metadata = f.metadata()
             load_model(model, folder / "model.safetensors")
             check_weights(model, folder / "model.safetensors", metadata)
-            return model
-        return module.Model.from_pretrained(folder)
+            return model.to(getattr(torch, dtype))
+        return module.Model.from_pretrained(folder, **({} if dtype == "float32" else {"dtype": dtype}))
     except UserError:
         raise
     except (OSError, ValueError, KeyError, TypeError, SafetensorError, RuntimeError) as e:
@@ -148,23 +155,34 @@ def load_folder(folder, module):
                         "corrupt, incomplete or written by another version of its model file") from None
 
 
-def load_run(folder):
-    """(model, tokenizer, eos_ids) from a folder that train.py wrote: no eos ids, since its text has no end token."""
+def existing(folder):
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} does not exist; pass the folder of a run or a checkpoint" if not folder.exists()
+                        else f"{folder} is a file; pass the folder that holds it")
+    return folder
+
+
+def load_run(folder):
+    """(model, tokenizer, eos_ids) from a folder that train.py wrote: the eos ids of the generation_config.json
+    that a fine-tuned run copies from its --init; none for a model trained here, whose text has no end token."""
+    folder = existing(folder)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} holds no config.json; pass a folder written by train.py, or --hf for a Hugging Face one")
     saved = read_folder_config(folder)
     if not is_run_folder(saved):
         raise UserError(f"{folder} was not written by train.py; pass --hf {folder} for a Hugging Face folder")
     model = load_folder(folder, import_model(saved["model"]))
-    return model, folder_tokenizer(folder), frozenset()
+    return model, folder_tokenizer(folder), eos_ids(folder, saved)
 
 
 def load_hf(folder, dtype="float32"):
     """(model, tokenizer, eos_ids) from a Hugging Face checkpoint folder, the weights in dtype."""
-    folder = Path(folder)
+    folder = existing(folder)
     config = read_json(folder / "config.json", "pass a Hugging Face checkpoint folder")
-    architectures = config.get("architectures") or ["?"]
+    if isinstance(config, dict) and is_run_folder(config):
+        raise UserError(f"{folder} was written by train.py, not a Hugging Face folder; drop --hf: sample.py {folder}")
+    architectures = config.get("architectures") or ["(none)"]
     module = import_model(model_for_architecture(architectures[0]))
     takes_dtype = "dtype" in inspect.signature(module.Model.from_pretrained).parameters
     if dtype != "float32" and not takes_dtype:
@@ -206,16 +224,20 @@ def build_config(module, overrides, base=None):
         raise UserError(f"invalid config: {e}") from None
 
 
-def load_init(folder, module, overrides, context=None):
-    """(model, config, tokenizer) to fine-tune from --init: the folder's weights; its config with the
-    --set fields changed, and the training context cut to context unless --set gives max_seq_len; and
-    its tokenizer as data.py's pipelines take it: (tokenizer, a key of its files' content, the files to
-    copy into the run's folder)."""
-    source = load_folder(folder, module)
+def load_init(folder, module, overrides, context=None, dtype="float32"):
+    """(model, config, tokenizer) to fine-tune from --init: the folder's weights, in dtype; its config
+    with the --set fields changed, and the training context cut to context unless --set gives
+    max_seq_len; and its tokenizer as data.py's pipelines take it: (tokenizer, a key of its files'
+    content, the files to copy into the run's folder)."""
+    if dtype != "float32" and "dtype" not in inspect.signature(module.Model.from_pretrained).parameters:
+        raise UserError(f"{module.__name__}.py loads its weights in float32 only; leave --dtype out")
+    source = load_folder(folder, module, dtype)
     if context and "max_seq_len" not in overrides:
         overrides = {**overrides, "max_seq_len": min(context, source.config.max_seq_len)}
     config = build_config(module, overrides, base=source.config)
+    default = torch.get_default_dtype()
     try:
+        torch.set_default_dtype(getattr(torch, dtype))  # a bf16 model is built in bf16, not cast from float32
         model = module.Model(config)
         model.load_state_dict(source.state_dict())
     except ValueError as e:
@@ -223,6 +245,8 @@ def load_init(folder, module, overrides, context=None):
     except RuntimeError:
         raise UserError(f"--set {', '.join(sorted(overrides))} changes the shape of the weights in {folder}; with "
                         "--init only fields such as max_seq_len and dropout can change") from None
+    finally:
+        torch.set_default_dtype(default)
     tokenizer = folder_tokenizer(folder)
     if tokenizer.n_vocab > config.vocab_size:
         raise UserError(f"the tokenizer in {folder} has {tokenizer.n_vocab} tokens but the model only {config.vocab_size}; "
@@ -233,8 +257,10 @@ def load_init(folder, module, overrides, context=None):
 
 # ------------------------------------------------------------------------------------- tokenizers
 
-# What a folder's tokenizer is made of; a run fine-tuned from a folder copies these into its own.
+# What a folder's tokenizer is made of, and what chatting with its model needs besides (chat.py: the chat
+# template, the ids that end an answer); a run fine-tuned from a folder copies these into its own.
 TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+CHAT_FILES = ("chat_template.jinja", "generation_config.json")
 
 
 def load_tokenizer(folder):
@@ -265,10 +291,21 @@ def folder_tokenizer(folder):
         raise UserError(f"cannot load the tokenizer in {folder} ({in_one_line(e)})") from None
 
 
+def save_tokenizer(out_dir, tokenizer, files=None):
+    """The tokenizer into out_dir, as load_tokenizer reads it: the files of a pretrained one copied, one
+    trained here saved by bpe.py."""
+    if files is None:
+        tokenizer.save(out_dir)
+    for path in files or ():
+        atomic_write(Path(out_dir) / path.name, lambda tmp, path=path: shutil.copyfile(path, tmp))
+
+
 def tokenizer_files(folder):
-    """(the tokenizer files in folder, a key of their content that names their token files in the cache)."""
-    files = [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
-    key = "init-" + hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+    """(the tokenizer and chat files in folder, a key of the tokenizer's content that names its token files in
+    the cache)."""
+    files = [Path(folder) / name for name in TOKENIZER_FILES + CHAT_FILES if (Path(folder) / name).is_file()]
+    key = "init-" + hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files
+                                            if f.name in TOKENIZER_FILES)).hexdigest()[:16]
     return files, key
 
 
@@ -309,15 +346,23 @@ def check_weights(model, path, metadata):
 
 
 # What a run folder holds besides its tokenizer; --fresh removes these, the training state first.
-RUN_FILES = ("state.pt", "model.safetensors", "config.json", "metrics.jsonl", "loss.png")
+RUN_FILES = ("state.pt", "model.safetensors", "config.json", "metrics.jsonl", "loss.png", "adapter_model.safetensors",
+             "adapter_config.json")
 
 
 def save_checkpoint(out, model, optimizer, config, name, task, state):
-    """model.safetensors, config.json and state.pt, each written to a temp file and moved into place."""
+    """model.safetensors, config.json and state.pt, each written to a temp file and moved into place;
+    for a model with LoRA adapters, the merged weights and the adapters' files."""
     from safetensors.torch import save_model
 
-    metadata = {"step": str(state["step"]), "sha256": weights_digest(model)}
-    atomic_write(out / "model.safetensors", lambda tmp: save_model(model, tmp, metadata=metadata))
+    adapted = bool(lora.adapters(model))
+    weights = lora.merge(model) if adapted else model
+    metadata = {"step": str(state["step"]), "sha256": weights_digest(weights)}
+    atomic_write(out / "model.safetensors", lambda tmp: save_model(weights, tmp, metadata=metadata))
+    if adapted:
+        save_adapters(out, model, name, task, state)
+        # Buffers that training changes (moe.py's balancing biases) are no adapters, yet resuming needs them.
+        state = {**state, "buffers": {k: v for k, v in model.state_dict().items() if k in dict(model.named_buffers())}}
     config_json = json.dumps({"model": name, "task": task, "config": dataclasses.asdict(config)}, indent=2)
     atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(config_json + "\n"))
     state = {**state, "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}}
@@ -325,6 +370,30 @@ def save_checkpoint(out, model, optimizer, config, name, task, state):
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     state["sha256"] = content_digest(state)
     atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
+
+
+def save_adapters(out, model, name, task, state):
+    """adapter_model.safetensors and adapter_config.json as peft writes them, under the Hugging Face
+    names of the layers where the model file has to_hf_name; the former's metadata as model.safetensors's."""
+    from safetensors.torch import save_file
+
+    to_hf_name = getattr(import_model(name), "to_hf_name", None)
+    tensors = lora.adapter_state(model, to_hf_name)
+    metadata = {"format": "pt", "step": str(state["step"]), "sha256": content_digest(tensors)}
+    atomic_write(out / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    fields = lora.adapter_config(model, to_hf_name, base=state["run"].get("init"),
+                                 task_type="CAUSAL_LM" if task == "causal_lm" else None)
+    atomic_write(out / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(fields, indent=2) + "\n"))
+
+
+def load_adapters(path, model, name, metadata):
+    """Copy the adapters in path into model; ValueError where they do not fit or not match their checksum."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    if metadata.get("sha256") != content_digest(tensors):
+        raise ValueError(f"the content of {path} does not match its checksum, so the file was damaged after it was written")
+    lora.load_adapter_state(model, tensors, getattr(import_model(name), "to_hf_name", None))
 
 
 def read_state(out):
@@ -359,14 +428,22 @@ def load_checkpoint(out, model, config, name, fingerprint, run):
     # quietly become another run (torchrun on a single-process folder, say).
     saved_run = state.get("run", run)
     if saved_run != run:
-        diff = ", ".join(f"{k.replace('_', ' ')} {saved_run.get(k)} (now {run[k]})" for k in run if saved_run.get(k) != run[k])
+        diff = ", ".join(f"{k.replace('_', ' ')} {saved_run.get(k)} (now {run.get(k)})" for k in {**saved_run, **run}
+                         if saved_run.get(k) != run.get(k))
         raise UserError(f"{out} holds a run with {diff}; use another --out, the same settings, or --fresh")
-    path = out / "model.safetensors"
+    # A LoRA run resumes from its adapters, on the frozen weights it was built with, not from the merge.
+    adapted = bool(lora.adapters(model))
+    path = out / ("adapter_model.safetensors" if adapted else "model.safetensors")
     try:
         with safe_open(path, "pt") as f:
             metadata = f.metadata() or {}
-        load_model(model, path)
-        check_weights(model, path, metadata)
+        if adapted:
+            load_adapters(path, model, name, metadata)
+            for key, buffer in state.get("buffers", {}).items():
+                model.get_buffer(key).copy_(buffer)
+        else:
+            load_model(model, path)
+            check_weights(model, path, metadata)
     except (OSError, SafetensorError, RuntimeError, ValueError) as e:
         raise UserError(f"the weights {path} are missing, corrupt or truncated ({in_one_line(e)}); delete state.pt or pass --fresh") from None
     if metadata.get("step") != str(state["step"]):

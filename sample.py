@@ -8,15 +8,17 @@ images with a vision-language model.
     python sample.py --hf path/to/Llama-3.2-1B --prompt "The capital of France is" --temperature 0
     python sample.py --hf path/to/Qwen2.5-0.5B-Instruct --chat --prompt "Name three colours."
     python sample.py --hf path/to/SmolLM2-135M-Instruct --chat    # one user turn per line until EOF
-    python sample.py out/siglip --image a.png b.png --labels "a red circle,a blue square"
-    python sample.py out/paligemma --image a.png --prompt "answer en what color is the shape?"
+    python sample.py out/gpt_llama-pydoc_chats --chat    # a model train.py fine-tuned on conversations
+    python sample.py out/siglip --image pictures/red_circle.png pictures/blue_square.png --labels "a red circle,a blue square"
+    python sample.py out/paligemma --image pictures/red_circle.png --prompt "answer en what color is the shape?"
 
 For --hf, the model file is the one whose HF_ARCHITECTURES lists the architecture in the folder's
 config.json; the tokenizer is the folder's tokenizer.json, else Llama 3's tokenizer.model; an answer
-ends at any eos_token_id of generation_config.json, else of config.json. --chat wraps each turn in the
-folder's chat template (chat_template.jinja or tokenizer_config.json's, read with jinja2 as transformers
-reads it), else in the Llama 3 or ChatML format that the tokenizer's special tokens show, and sends the
-whole conversation each turn, dropping its oldest turns when it outgrows the context.
+ends at any eos_token_id of generation_config.json, else of config.json (a folder train.py fine-tuned
+keeps those of its --init). --chat wraps each turn in the folder's chat format (chat.py: its chat template,
+read with jinja2 as transformers reads it, else a built-in format), which a folder train.py fine-tuned on
+conversations keeps from its --init, and sends the whole conversation each turn, dropping its oldest
+turns when it outgrows the context; an answer also ends at the token that ends a message in that format.
 Text appears as it is generated; the number of tokens per second goes to stderr at the end.
 """
 
@@ -61,6 +63,8 @@ def write_stream(tokens, tokenizer, stop):
         sys.stdout.flush()
     sys.stdout.write(utf8.decode(b"", final=True) + "\n")
     sys.stdout.flush()
+    if not ids:
+        print("(an empty answer: the model ended it at once)", file=sys.stderr)
     return ids, time.time() - start
 
 
@@ -94,19 +98,19 @@ def stream(model, tokenizer, prompt, args, device, eos_ids):
     return continuation(model, tokenizer, ids, args, device, eos_ids)
 
 
-def chat_turn(model, tokenizer, render, history, prompt, args, device, eos_ids):
+def chat_turn(model, tokenizer, chat_format, history, prompt, args, device, eos_ids):
     """Print the answer to prompt, the next user turn of the conversation history, which gains the
     turn and the answer; return (the ids printed, seconds).
 
     The whole conversation is the model's prompt, so that it answers in context. When it leaves less
     room than the answer asks for, its oldest turns (a question and its answer) give way."""
     history.append({"role": "user", "content": prompt})
-    ids = render(history)
+    ids = chat_format.prompt(history)
     context = model.config.max_seq_len
     while len(history) > 1 and len(ids) + (args.max_new_tokens or DEFAULT_NEW_TOKENS) > context:
         del history[:2]
         print(f"note: dropped the oldest turn of the conversation to fit the {context}-token context", file=sys.stderr)
-        ids = render(history)
+        ids = chat_format.prompt(history)
     check_fits(ids, context)
     new, seconds = continuation(model, tokenizer, ids, args, device, eos_ids)
     history.append({"role": "assistant", "content": tokenizer.decode(new)})
@@ -179,8 +183,8 @@ def parse_args(argv):
     p.add_argument("folder", nargs="?", help="a folder written by train.py (e.g. out/gpt_llama)")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder instead (config.json, safetensors, "
                    "tokenizer.json or tokenizer.model)")
-    p.add_argument("--chat", action="store_true", help="with --hf: talk to an instruct model in its chat format; each "
-                   "prompt is a user turn, answered with the conversation so far in context")
+    p.add_argument("--chat", action="store_true", help="talk to an instruct model in its chat format; each prompt is "
+                   "a user turn, answered with the conversation so far in context")
     p.add_argument("--prompt", default=None, help="text to continue, or with --image a question to answer; without it, "
                    "read one prompt per line from stdin until EOF")
     p.add_argument("--image", nargs="+", metavar="FILE", help="images: ranked against --labels by an image-text model, "
@@ -197,8 +201,6 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if (args.folder is None) == (args.hf is None):
         raise UserError("pass either a folder written by train.py or --hf DIR")
-    if args.chat and args.hf is None:
-        raise UserError("--chat talks to a Hugging Face instruct model; pass its folder with --hf DIR")
     if args.chat and args.image:
         raise UserError("--chat takes text turns, not --image")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -233,10 +235,14 @@ def main(argv=None):
         if args.image and not reads_images(model):
             raise UserError("this model does not read images; --image needs an image model such as siglip or paligemma")
         images = read_images(model, args.image) if args.image else None
-        render = chat.chat_format(Path(args.hf), tokenizer) if args.chat else None
+        chat_format = chat.chat_format(Path(args.hf or args.folder), tokenizer) if args.chat else None
+        if chat_format is not None:
+            eos_ids |= chat_format.end_ids
+            if chat_format.note:
+                print(f"note: {chat_format.note}", file=sys.stderr)
         prompts = [args.prompt] if args.prompt is not None else None
         if prompts is None and sys.stdin.isatty():
-            print(f"one {'turn' if render else 'prompt'} per line; Ctrl-D to quit", file=sys.stderr)
+            print(f"one {'turn' if chat_format else 'prompt'} per line; Ctrl-D to quit", file=sys.stderr)
         tokens = seconds = 0
         history = []
         for line in prompts or sys.stdin:
@@ -244,8 +250,8 @@ def main(argv=None):
             if prompts is None and not line.strip():
                 continue
             try:
-                if render:
-                    new, s = chat_turn(model, tokenizer, render, history, line, args, device, eos_ids)
+                if chat_format is not None:
+                    new, s = chat_turn(model, tokenizer, chat_format, history, line, args, device, eos_ids)
                     tokens, seconds = tokens + len(new), seconds + s
                 elif images is None:
                     new, s = stream(model, tokenizer, line, args, device, eos_ids)
@@ -256,7 +262,7 @@ def main(argv=None):
                     tokens, seconds = tokens + len(new), seconds + s
             except ValueError as e:  # the model refuses the options (e.g. top_p outside (0, 1])
                 raise UserError(str(e)) from None
-        if tokens:
+        if seconds:  # something was asked, even if nothing came back
             print(f"{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s", file=sys.stderr)
         return 0
     except UserError as e:

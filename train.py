@@ -20,7 +20,9 @@ removes what it wrote.
 
 Fine-tuning: --init DIR starts from a Hugging Face checkpoint folder or a run folder, with its weights
 and tokenizer; its config holds, but for the training context (the recipe's max_seq_len unless --set)
-and a learning rate of flags.INIT_LR unless --lr.
+and a learning rate of flags.INIT_LR unless --lr. --lora R trains low-rank adapters instead of the
+weights (lora.py), which runs.py saves merged and alone. A --data of conversations teaches the model to
+answer in its chat format (conversations.py).
 
 MFU is flops_per_token * tokens/s / the devices' peak FLOP/s (runs.peak_flops, or --peak-flops).
 """
@@ -52,7 +54,9 @@ import torch.nn as nn  # noqa: E402
 import data  # noqa: E402
 import flags  # noqa: E402
 import plot  # noqa: E402
+import lora  # noqa: E402
 import runs  # noqa: E402
+import threads  # noqa: E402
 from corpus import UserError  # noqa: E402
 
 if __name__ == "__main__":
@@ -71,6 +75,8 @@ def train(args):
     if run.already_finished:
         run.log(f"{run.out} already holds a finished run of {run.state['step']} steps; "
                 "pass --fresh to train again or a larger --max-steps to go on")
+        if not (run.out / "loss.png").exists():
+            run.plot()
         return 0
     try:
         run.start()
@@ -83,7 +89,7 @@ def train(args):
                 run.checkpoint()
                 run.progress.print(f"stopped by {signal.Signals(run.signal).name} at step {run.step}; "
                                    f"checkpoint saved in {run.out}; run the same command to resume")
-                return 0
+                return 128 + run.signal  # what shells and schedulers expect of a process ended by a signal
             if stop_requested:
                 break
             if run.due(args.ckpt_every):
@@ -150,6 +156,7 @@ class Run:
 
     def train_step(self):
         """One optimizer step over grad_accum micro-batches; True when every rank should stop after it."""
+        started = time.perf_counter()
         args, model = self.args, self.model
         self.lr = lr_at(self.step, args, self.total_steps)
         for group in self.optimizer.param_groups:
@@ -200,6 +207,8 @@ class Run:
         self.step += 1
         if self.first_step_time is None:
             self.first_step_time = time.time()
+        if change := self.threads.step(time.perf_counter() - started):
+            self.progress.print(change)
         return bool(stop_requested)
 
     def plan(self):
@@ -262,9 +271,10 @@ class Run:
         result = self.pipe.evaluate(self.raw_model, self.config, self.args.batch_size, self.device, self.autocast,
                                     max_tokens=self.args.eval_tokens)
         self.eval_seconds, self.n_evals = self.eval_seconds + time.time() - t, self.n_evals + 1
+        answers = result.pop("answers", None)  # text, not a metric (data.py)
         self.record({"step": self.step, **result})
         if announce:
-            self.progress.print(f"step {self.step} | {format_eval(result)}")
+            self.progress.print(f"step {self.step} | {format_eval(result)}" + (f"\n{answers}" if answers else ""))
         return result
 
     def checkpoint(self, finished=False):
@@ -291,12 +301,15 @@ class Run:
                  f"weights in {self.out / 'model.safetensors'}")
         if self.main_rank and args.sample_tokens and hasattr(self.pipe, "demo"):
             self.log("sample:\n" + self.pipe.demo(self.raw_model, self.device, max_new_tokens=args.sample_tokens, seed=args.seed))
-        if self.main_rank and not args.no_plot:
+        self.plot()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def plot(self):
+        if self.main_rank and not self.args.no_plot:
             png = plot.plot_run(self.out)
             if png:
                 self.log(f"loss curve in {png}")
-        if self.wandb is not None:
-            self.wandb.finish()
 
     def start(self):
         """The first writes: with --fresh, the old run goes (its state first); then the metrics file
@@ -317,7 +330,9 @@ class Run:
         n_params = raw.num_params() if hasattr(raw, "num_params") else sum(p.numel() for p in raw.parameters())
         self.log(f"{args.model}: {n_params / 1e6:.2f}M parameters, {self.pipe.describe()}, "
                  f"{self.units_per_step:,} {self.unit} per step on {self.world} x {self.device.type}"
-                 + (f" ({torch.get_num_threads()} CPU threads)" if self.device.type == "cpu" else ""))
+                 + (f" ({threads.in_words(torch.get_num_threads())})" if self.device.type == "cpu" else ""))
+        if args.lora:
+            self.log(lora.describe(raw))
         if self.wandb is not None:
             self.wandb.init(project=args.wandb, config={**vars(args), "config": dataclasses.asdict(self.config)})
 
@@ -345,11 +360,8 @@ class Run:
         args = self.args
         self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.device = runs.pick_device(args.device)
-        threads = args.threads
-        if not threads and self.device.type == "cpu" and not self.ddp and os.getloadavg()[0] >= (os.cpu_count() or 1):
-            threads = 1
-        if threads:
-            torch.set_num_threads(threads)
+        # One process on the CPU follows the machine with its thread count (threads.py); others keep theirs.
+        self.threads = threads.start(args.threads, adaptive=self.device.type == "cpu" and not self.ddp)
         if self.ddp:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -370,7 +382,13 @@ class Run:
         args = self.args
         init = None
         if args.init is not None:
-            init = runs.load_init(args.init, self.module, args.overrides, args.init_context)
+            init = runs.load_init(args.init, self.module, args.overrides, args.init_context, args.dtype)
+            if args.lora:
+                torch.manual_seed(args.seed)  # the adapters' first weights
+                try:
+                    lora.wrap(init[0], args.lora, args.lora_alpha, args.lora_targets)
+                except ValueError as e:
+                    raise UserError(str(e)) from None
             if not data.takes_tokenizer(self.task):
                 raise UserError(f"--init fine-tunes models whose data is text; the {self.task} pipeline of "
                                f"{args.model} trains its own tokenizer")
@@ -399,6 +417,8 @@ class Run:
         settings = {"processes": self.world, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "seed": a.seed}
         if a.init is not None:  # where the weights came from; a run resumed from other ones is another run
             settings["init"] = str(Path(a.init).resolve())
+        if a.lora:  # the adapters' shapes and the frozen weights' dtype
+            settings["lora"] = f"rank {a.lora}, alpha {a.lora_alpha:g}, {','.join(a.lora_targets or ['all'])} layers, {a.dtype}"
         return settings
 
     def _prepare_output(self):
@@ -519,7 +539,7 @@ class Progress:
 
 def main(argv=None):
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    threads = torch.get_num_threads()
+    torch_threads = torch.get_num_threads()
     try:
         args = flags.parse_args(sys.argv[1:] if argv is None else argv)
         return train(args)
@@ -532,7 +552,7 @@ def main(argv=None):
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(torch_threads)
         if dist.is_initialized():
             # The DDP wrapper sits in reference cycles, so train() returning does not free it. Left to
             # the interpreter's exit, it would be torn down after its process group, and gloo then

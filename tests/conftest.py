@@ -78,3 +78,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_on_meta(module, folder, monkeypatch):
+    """module.Model.from_pretrained(folder), checking that the model was built on the meta device (its
+    random initialisation touched no memory) and that the tensors read from the file became its
+    parameters: the weights are never held twice."""
+    import torch
+
+    read, initialised = [], []
+    read_safetensors, xavier_uniform_ = module.read_safetensors, torch.nn.init.xavier_uniform_
+
+    def reading(folder):
+        tensors = read_safetensors(folder)
+        read.extend(tensors.values())
+        return tensors
+
+    def initialising(tensor, *args, **kwargs):
+        initialised.append(tensor.device.type)
+        return xavier_uniform_(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(module, "read_safetensors", reading)
+    monkeypatch.setattr(torch.nn.init, "xavier_uniform_", initialising)
+    model = module.Model.from_pretrained(folder)
+    assert initialised and set(initialised) == {"meta"}
+    assert {p.data_ptr() for p in model.parameters()} <= {t.data_ptr() for t in read}
+    return model

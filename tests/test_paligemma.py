@@ -12,7 +12,7 @@ from PIL import Image
 import paligemma
 from paligemma import Config, Model, preprocess, sample_next, suffix_targets
 
-from conftest import reference  # noqa: E402
+from conftest import load_on_meta, reference  # noqa: E402
 
 transformers = reference("transformers")
 
@@ -225,23 +225,7 @@ def test_from_pretrained_builds_on_meta_and_keeps_the_files_tensors(pair, monkey
     """The model is built on the meta device, where the random initialisation touches no memory, and the
     tensors read from the file become its parameters: the weights are never held twice."""
     _, model, folder = pair
-    read, initialised = [], []
-    read_safetensors, xavier_uniform_ = paligemma.read_safetensors, torch.nn.init.xavier_uniform_
-
-    def reading(folder):
-        tensors = read_safetensors(folder)
-        read.extend(tensors.values())
-        return tensors
-
-    def initialising(tensor, *args, **kwargs):
-        initialised.append(tensor.device.type)
-        return xavier_uniform_(tensor, *args, **kwargs)
-
-    monkeypatch.setattr(paligemma, "read_safetensors", reading)
-    monkeypatch.setattr(torch.nn.init, "xavier_uniform_", initialising)
-    loaded = Model.from_pretrained(folder)
-    assert initialised and set(initialised) == {"meta"}
-    assert {p.data_ptr() for p in loaded.parameters()} <= {t.data_ptr() for t in read}
+    loaded = load_on_meta(paligemma, folder, monkeypatch)
     for name in ("rope_cos", "rope_sin"):  # buffers, computed again on the CPU
         assert torch.equal(getattr(loaded, name), getattr(model, name))
 

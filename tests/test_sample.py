@@ -50,7 +50,12 @@ def test_interactive_reads_prompts_until_eof(trained, capsys, monkeypatch):
 
 def test_bad_input(trained, capsys, tmp_path):
     assert sample.main([str(tmp_path / "nothing")]) == 2
+    assert "nothing does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert sample.main([str(tmp_path / "empty")]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+    assert sample.main(["--hf", str(trained), "--prompt", "The"]) == 2
+    assert "was written by train.py, not a Hugging Face folder; drop --hf" in capsys.readouterr().err
     broken = tmp_path / "broken"
     shutil.copytree(trained, broken)
     (broken / "model.safetensors").write_bytes(b"\x00" * 10)
@@ -442,8 +447,7 @@ def test_generation_config_eos_ids_end_the_answer(hf_folders, tmp_path, capsys):
 
 @pytest.mark.parametrize("change, flags, match", [
     ("no tokenizer", [], "holds no tokenizer: neither a tokenizer.json"),
-    ("unknown tokens, no template", ["--chat"], "--chat needs a chat template, and"),
-    ("unknown tokens, no jinja2", ["--chat"], "--chat needs jinja2 3.1.6 or later"),
+    ("unknown tokens, no jinja2", ["--chat"], "needs jinja2 3.1.6 or later"),
     ("template refuses", ["--chat", "--prompt", "Hi"], "refuses the conversation (only a system turn, please)"),
     ("templates without default", ["--chat"], "none default"),
     ("eos is text", [], "is neither a token id nor a list"),
@@ -461,8 +465,6 @@ def test_hugging_face_bad_input(hf_folders, tmp_path, capsys, monkeypatch, chang
     if change.startswith("unknown tokens"):  # neither Llama 3's nor ChatML's special tokens to fall back on
         text = (folder / "tokenizer.json").read_text()
         (folder / "tokenizer.json").write_text(text.replace("<|im_start|>", "<|turn|>").replace("<|im_end|>", "<|end|>"))
-    if change == "unknown tokens, no template":
-        (folder / "tokenizer_config.json").unlink()
     if change == "unknown tokens, no jinja2":
         monkeypatch.setitem(sys.modules, "jinja2", None)
     if change == "template refuses":
@@ -478,9 +480,11 @@ def test_hugging_face_bad_input(hf_folders, tmp_path, capsys, monkeypatch, chang
     assert err.startswith("error: ") and match in err and len(err.strip().splitlines()) == 1
 
 
-def test_chat_needs_a_hugging_face_folder(trained, capsys):
-    assert sample.main([str(trained), "--chat", "--prompt", "Hi"]) == 2
-    assert "--chat talks to a Hugging Face instruct model" in capsys.readouterr().err
+def test_a_run_folder_chats_too(trained, capsys):
+    """A folder train.py wrote chats in its chat format; this one, trained on text with a tokenizer
+    without special tokens, in the built-in plain-text one (tests/test_conversations.py trains one in it)."""
+    assert sample.main([str(trained), "--chat", "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
+    assert "conversations take the built-in plain-text format" in capsys.readouterr().err
 
 
 def test_bf16_weights_answer_as_transformers_in_bf16(hf_folders, capsys, prompts_and_answers, tmp_path):

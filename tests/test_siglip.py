@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 import siglip
 from siglip import Config, Model, preprocess, sigmoid_loss, sigmoid_loss_definition
 
-from conftest import ROOT, reference  # noqa: E402
+from conftest import ROOT, load_on_meta, reference  # noqa: E402
 
 transformers = reference("transformers")
 
@@ -165,23 +165,7 @@ def test_from_pretrained_builds_on_meta_and_keeps_the_files_tensors(tmp_path, mo
     """The model is built on the meta device, where the random initialisation touches no memory, and the
     tensors read from the file become its parameters: the weights are never held twice."""
     hf_siglip(tmp_path, "even")
-    read, initialised = [], []
-    read_safetensors, xavier_uniform_ = siglip.read_safetensors, torch.nn.init.xavier_uniform_
-
-    def reading(folder):
-        tensors = read_safetensors(folder)
-        read.extend(tensors.values())
-        return tensors
-
-    def initialising(tensor, *args, **kwargs):
-        initialised.append(tensor.device.type)
-        return xavier_uniform_(tensor, *args, **kwargs)
-
-    monkeypatch.setattr(siglip, "read_safetensors", reading)
-    monkeypatch.setattr(torch.nn.init, "xavier_uniform_", initialising)
-    model = Model.from_pretrained(tmp_path)
-    assert initialised and set(initialised) == {"meta"}
-    assert {p.data_ptr() for p in model.parameters()} <= {t.data_ptr() for t in read}
+    load_on_meta(siglip, tmp_path, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------ the loss

@@ -1,0 +1,41 @@
+"""plot.py: a panel for the loss and one for each other metric a run logs, and a missing loss.png
+drawn again by rerunning a finished run."""
+
+import json
+
+import pytest
+
+import plot
+import train
+
+
+def test_every_metric_gets_a_panel_and_per_question_accuracies_share_one():
+    records = [
+        {"step": 10, "loss": 5.0, "lr": 1e-3, "tokens_per_s": 900.0, "mfu": None, "time": 3.0, "cv": 0.4,
+         "load_l0_e1": 0.2},
+        {"step": 10, "val_loss": 5.2, "val_bpb": 2.1, "val_accuracy": 0.5, "val_accuracy_color": 0.75},
+        {"step": 20, "loss": 4.0, "lr": 1e-3, "cv": 0.3},
+    ]
+    assert plot.panels(records) == {
+        "loss": {"train": [(10, 5.0), (20, 4.0)], "validation": [(10, 5.2)]},
+        "cv": {"cv": [(10, 0.4), (20, 0.3)]},
+        "bpb": {"bpb": [(10, 2.1)]},
+        "accuracy": {"all": [(10, 0.5)], "color": [(10, 0.75)]},
+    }
+
+
+def test_a_finished_run_rerun_draws_its_missing_plot(corpus_env, capsys):
+    pytest.importorskip("matplotlib")
+    out = corpus_env / "plotless"
+    argv = ["--data", str(corpus_env / "corpus.txt"), "--out", str(out), "--vocab-size", "300", "--set", "dim=32",
+            "--set", "n_layers=1", "--set", "n_heads=2", "--set", "n_kv_heads=1", "--set", "ffn_dim=64",
+            "--set", "max_seq_len=32", "--batch-size", "4", "--max-steps", "4", "--eval-every", "2",
+            "--eval-tokens", "256", "--sample-tokens", "0", "--threads", "1"]
+    assert train.main([*argv, "--no-plot"]) == 0
+    assert not (out / "loss.png").exists()
+    metrics = (out / "metrics.jsonl").read_text()
+    assert train.main(argv) == 0
+    assert "already holds a finished run" in capsys.readouterr().out
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "metrics.jsonl").read_text() == metrics  # drawn, not trained again
+    assert json.loads(metrics.splitlines()[-1])["step"] == 4
