@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 import lora
-from corpus import UserError, atomic_write, in_one_line
+from corpus import ENDOFTEXT, UserError, atomic_write, in_one_line
 
 ROOT = Path(__file__).resolve().parent
 
@@ -165,7 +165,8 @@ def existing(folder):
 
 def load_run(folder):
     """(model, tokenizer, eos_ids) from a folder that train.py wrote: the eos ids of the generation_config.json
-    that a fine-tuned run copies from its --init; none for a model trained here, whose text has no end token."""
+    that a fine-tuned run copies from its --init, and <|endoftext|>, which ends each document of a
+    corpus streamed as documents (corpus.py), so that a sample ends where a document would."""
     folder = existing(folder)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} holds no config.json; pass a folder written by train.py, or --hf for a Hugging Face one")
@@ -173,7 +174,9 @@ def load_run(folder):
     if not is_run_folder(saved):
         raise UserError(f"{folder} was not written by train.py; pass --hf {folder} for a Hugging Face folder")
     model = load_folder(folder, import_model(saved["model"]))
-    return model, folder_tokenizer(folder), eos_ids(folder, saved)
+    tokenizer = folder_tokenizer(folder)
+    ends = {tokenizer.special_tokens[ENDOFTEXT]} if ENDOFTEXT in tokenizer.special_tokens else set()
+    return model, tokenizer, eos_ids(folder, saved) | ends
 
 
 def load_hf(folder, dtype="float32"):

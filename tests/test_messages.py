@@ -82,3 +82,16 @@ def test_an_empty_answer_is_said_and_counted(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert captured.out == "hello\n"
     assert "(an empty answer: the model ended it at once)" in captured.err and "0 tokens in" in captured.err
+
+
+def test_a_sample_of_a_streamed_corpus_ends_at_its_separator(tmp_path, monkeypatch):
+    import runs
+
+    monkeypatch.setenv("LLMS_FROM_SCRATCH_CACHE", str(tmp_path / "cache"))
+    docs = [{"text": f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 20} for i in range(40)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    out = tmp_path / "o"
+    assert train.main(["--data", str(tmp_path / "docs.jsonl"), "--out", str(out), *TINY, "--max-steps", "1",
+                       "--threads", "1", "--sample-tokens", "0", "--workers", "1"]) == 0
+    _, tokenizer, ends = runs.load_run(out)
+    assert ends == {tokenizer.special_tokens["<|endoftext|>"]}
