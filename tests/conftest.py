@@ -104,3 +104,24 @@ def load_on_meta(module, folder, monkeypatch):
     assert initialised and set(initialised) == {"meta"}
     assert {p.data_ptr() for p in model.parameters()} <= {t.data_ptr() for t in read}
     return model
+
+
+# ChatML as Qwen2.5 writes it: a default system prompt, whitespace control; the assistant's text in
+# {% generation %}, as templates made for training write it.
+QWEN_TEMPLATE = (
+    "{%- for message in messages %}\n"
+    "    {%- if loop.first and message['role'] != 'system' %}\n"
+    "        {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|im_start|>' + message['role'] + '\n' }}\n"
+    "    {%- if message['role'] == 'assistant' %}\n"
+    "        {% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}\n"
+    "        {{- '\n' }}\n"
+    "    {%- else %}\n"
+    "        {{- message['content'] + '<|im_end|>\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\n' }}\n"
+    "{%- endif %}\n"
+)

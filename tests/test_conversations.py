@@ -23,7 +23,7 @@ import runs
 import sample
 import train
 
-from conftest import reference  # noqa: E402
+from conftest import QWEN_TEMPLATE, reference  # noqa: E402
 
 transformers = reference("transformers")
 
@@ -41,23 +41,6 @@ LLAMA3_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{% generation %}{{- message['content'] | trim + '<|eot_id|>' }}"
     "{% endgeneration %}{% else %}{{- message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-QWEN_TEMPLATE = (
-    "{%- for message in messages %}\n"
-    "    {%- if loop.first and message['role'] != 'system' %}\n"
-    "        {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}\n"
-    "    {%- endif %}\n"
-    "    {{- '<|im_start|>' + message['role'] + '\n' }}\n"
-    "    {%- if message['role'] == 'assistant' %}\n"
-    "        {% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}\n"
-    "        {{- '\n' }}\n"
-    "    {%- else %}\n"
-    "        {{- message['content'] + '<|im_end|>\n' }}\n"
-    "    {%- endif %}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|im_start|>assistant\n' }}\n"
-    "{%- endif %}\n"
 )
 # What the built-in formats write, marked.
 CHATML_TEMPLATE = (

@@ -15,6 +15,8 @@ import runs
 import sample
 import train
 
+from conftest import QWEN_TEMPLATE  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -249,25 +251,6 @@ LLAMA31_TEMPLATE = """{{- bos_token }}
     {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
 {%- endif %}
 """
-# ChatML as Qwen2.5 writes it: a default system prompt, whitespace control; the assistant's text in
-# {% generation %}, as templates made for training write it.
-QWEN_TEMPLATE = (
-    "{%- for message in messages %}\n"
-    "    {%- if loop.first and message['role'] != 'system' %}\n"
-    "        {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}\n"
-    "    {%- endif %}\n"
-    "    {{- '<|im_start|>' + message['role'] + '\n' }}\n"
-    "    {%- if message['role'] == 'assistant' %}\n"
-    "        {% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}\n"
-    "        {{- '\n' }}\n"
-    "    {%- else %}\n"
-    "        {{- message['content'] + '<|im_end|>\n' }}\n"
-    "    {%- endif %}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|im_start|>assistant\n' }}\n"
-    "{%- endif %}\n"
-)
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
                    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 FOLDERS = {  # architecture, special tokens, tokenizer_config.json, chat_template.jinja
