@@ -125,3 +125,29 @@ QWEN_TEMPLATE = (
     "    {{- '<|im_start|>assistant\n' }}\n"
     "{%- endif %}\n"
 )
+
+
+# The split of Qwen2's and Llama 3's tokenizer.json files, which the chat tests' tokenizers are trained with.
+SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def train_hf_tokenizer(text, vocab_size, specials):
+    """A byte-level BPE tokenizer as Qwen2 and Llama 3 lay theirs out, trained by the tokenizers library on text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([text] * 20, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return tokenizer
+
+
+def records(out):
+    """The records of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -23,7 +23,7 @@ import runs
 import sample
 import train
 
-from conftest import QWEN_TEMPLATE, reference  # noqa: E402
+from conftest import QWEN_TEMPLATE, reference, train_hf_tokenizer  # noqa: E402
 
 transformers = reference("transformers")
 
@@ -32,7 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
 TEXT = ("Hello! How are you today? I am well, thank you. The cat sat on the mat and the dog ate its food. Be brief. "
         "Reverse these words: " + " ".join(WORDS) + ". You are a helpful assistant.\n")
-SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 # The assistant's text marked with {% generation %}, as templates written for training mark it; the same
 # templates without the marks are what most folders ship.
 LLAMA3_TEMPLATE = (
@@ -75,16 +74,8 @@ def write_hf_folder(folder, name, template, context=64, width=32):
     """A tiny random checkpoint of FOLDERS[name] with a byte-level BPE tokenizer.json that the tokenizers
     library trains here, template as chat_template.jinja (None: no template), and generation_config.json
     ending answers at the tokenizer's eos; the transformers model."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
     architecture, specials, tokenizer_config, _ = FOLDERS[name]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator([TEXT] * 20, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = train_hf_tokenizer(TEXT, 400, specials)
     config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
     torch.manual_seed(0)
     eos = tokenizer.token_to_id(tokenizer_config["eos_token"])

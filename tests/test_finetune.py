@@ -19,7 +19,7 @@ import runs
 import sample
 import train
 
-from conftest import reference, stop_at_step  # noqa: E402
+from conftest import records, reference, stop_at_step  # noqa: E402
 
 transformers = reference("transformers")
 
@@ -48,10 +48,6 @@ def env(corpus_env):
 
 def run(env, out, *extra):
     return train.main(["--init", str(env / "hf"), "--data", str(env / "corpus.txt"), "--out", str(out), *COMMON, *extra])
-
-
-def records(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_training_context_is_the_recipes_not_the_checkpoints(env, tmp_path):

@@ -24,7 +24,7 @@ import sample
 import siglip
 import train
 
-from conftest import stop_at_step  # noqa: E402
+from conftest import records, stop_at_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "siglip", "--set", "image_size=16", "--set", "patch_size=4", "--set", "vision_dim=32",
@@ -283,10 +283,6 @@ def test_wrong_kind_of_data_for_the_model(env, tmp_path, capsys):
 
 def weights(out):
     return load_file(Path(out) / "model.safetensors")
-
-
-def records(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

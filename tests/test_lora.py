@@ -25,7 +25,7 @@ import runs
 import sample
 import train
 
-from conftest import reference, stop_at_step  # noqa: E402
+from conftest import records, reference, stop_at_step  # noqa: E402
 
 transformers = reference("transformers")
 peft = reference("peft")
@@ -227,10 +227,6 @@ def env(corpus_env):
 
 def run(env, out, *extra):
     return train.main(["--init", str(env / "hf"), "--data", str(env / "corpus.txt"), "--out", str(out), *COMMON, *extra])
-
-
-def records(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_lora_run_saves_merged_weights_for_sample_py_and_adapters_for_peft(env, capsys):

@@ -15,7 +15,7 @@ import runs
 import sample
 import train
 
-from conftest import QWEN_TEMPLATE  # noqa: E402
+from conftest import QWEN_TEMPLATE, train_hf_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,7 +221,6 @@ def test_a_text_model_refuses_images(trained, vision_language, capsys):
 # ---------------------------------------------------------------- Hugging Face tokenizer.json and --chat
 
 # Qwen2's split pattern; the tokenizer.json splits with it, then maps bytes to characters (ByteLevel).
-SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 CHAT_TEXT = "Hello! How are you today? I am well, thank you. The cat sat on the mat and the dog ate its food. Today Date: 1 Jan 2026\n"
 # Llama 3's own template: bos, then each message with its header, content trimmed.
 LLAMA3_TEMPLATE = (
@@ -270,16 +269,8 @@ def write_hf_folder(folder, name, context=128):
     import json
 
     import transformers
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
     architecture, specials, tokenizer_config, jinja_file = FOLDERS[name]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator([CHAT_TEXT] * 20, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = train_hf_tokenizer(CHAT_TEXT, 320, specials)
     config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
     torch.manual_seed(0)
     config = config_class(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
