@@ -41,6 +41,7 @@ right (tokenizer.padding_side = "right"), forward takes
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -513,8 +514,14 @@ class Model(nn.Module):
         head = next((k for k in tensors if k.endswith("lm_head.weight")), None)
         if head is not None and not torch.equal(tensors.pop(head).float(), state["tok_embeddings.weight"]):
             raise ValueError(f"{folder} holds an output head that differs from the embedding; PaliGemma's head is tied to it")
+        # transformers builds SigLIP's pooling head into the vision tower unless the vision config says
+        # vision_use_head=False; PaliGemma hands every patch to the projector and never uses it.
+        pooling_head = [k for k in tensors if canonical(k).startswith("vision_tower.head.")]
+        if pooling_head:
+            print(f"note: {folder} holds SigLIP's pooling head (vision_tower.head.*, {len(pooling_head)} tensors), "
+                  "which PaliGemma does not use; skipped", file=sys.stderr)
         # Older checkpoints also store the position-id buffers, which hold only 0, 1, 2, ...
-        unexpected = sorted(k for k in tensors if not k.endswith("position_ids"))
+        unexpected = sorted(k for k in tensors if not k.endswith("position_ids") and k not in pooling_head)
         if unexpected:
             raise ValueError(f"{folder} holds tensors that PaliGemma does not have: {', '.join(unexpected[:5])}")
         try:
@@ -695,7 +702,7 @@ def read_safetensors(folder):
     return tensors
 
 
-# copied from images.py: draw_shape
+# copied from llm_machinery/images.py: draw_shape
 def draw_shape(pen, shape, cx, cy, r, fill):
     """A circle, square or triangle of half-width r centred on (cx, cy), with a pillow ImageDraw pen."""
     if shape == "circle":

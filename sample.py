@@ -9,8 +9,8 @@ images with a vision-language model.
     python sample.py --hf path/to/Qwen2.5-0.5B-Instruct --chat --prompt "Name three colours."
     python sample.py --hf path/to/SmolLM2-135M-Instruct --chat    # one user turn per line until EOF
     python sample.py out/gpt_llama-pydoc_chats --chat    # a model train.py fine-tuned on conversations
-    python sample.py out/siglip --image pictures/red_circle.png pictures/blue_square.png --labels "a red circle,a blue square"
-    python sample.py out/paligemma --image pictures/red_circle.png --prompt "answer en what color is the shape?"
+    python sample.py out/siglip --image examples/pictures/red_circle.png examples/pictures/blue_square.png --labels "a red circle,a blue square"
+    python sample.py out/paligemma --image examples/pictures/red_circle.png --prompt "answer en what color is the shape?"
 
 For --hf, the model file is the one whose HF_ARCHITECTURES lists the architecture in the folder's
 config.json; the tokenizer is the folder's tokenizer.json, else Llama 3's tokenizer.model; an answer
@@ -32,10 +32,8 @@ from pathlib import Path
 
 import torch
 
-import chat
-import images
-import runs
-from corpus import UserError
+from llm_machinery import chat, images, runs
+from llm_machinery.corpus import UserError
 
 
 DEFAULT_NEW_TOKENS = 200

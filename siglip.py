@@ -622,7 +622,7 @@ def read_safetensors(folder):
     return tensors
 
 
-# copied from images.py: draw_shape
+# copied from llm_machinery/images.py: draw_shape
 def draw_shape(pen, shape, cx, cy, r, fill):
     """A circle, square or triangle of half-width r centred on (cx, cy), with a pillow ImageDraw pen."""
     if shape == "circle":

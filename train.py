@@ -51,13 +51,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import data  # noqa: E402
-import flags  # noqa: E402
-import plot  # noqa: E402
-import lora  # noqa: E402
-import runs  # noqa: E402
-import threads  # noqa: E402
-from corpus import UserError  # noqa: E402
+from llm_machinery import conversations, corpus, data, flags, images, lora, plot, runs, threads  # noqa: E402
+from llm_machinery.corpus import UserError  # noqa: E402
 
 if __name__ == "__main__":
     if INTERRUPTED:
@@ -537,11 +532,37 @@ class Progress:
             print(text, flush=True)
 
 
+# ------------------------------------------------------------------------- commands that train nothing
+
+
+def write_examples(folder):
+    """The data the README's commands use, written where .gitignore keeps it out of the repository."""
+    print(corpus.write_texts(folder / "texts"))
+    print(images.write_pictures(folder / "pictures"))
+    print(conversations.write_chats(folder / "pydoc_chats.jsonl"))
+    return 0
+
+
+def draw_again(folder):
+    if not folder.is_dir():
+        raise UserError(f"{folder} does not exist; give a folder that train.py wrote, such as out/gpt_llama")
+    if not (folder / "metrics.jsonl").is_file():
+        raise UserError(f"{folder} holds no metrics.jsonl; give a folder that train.py wrote, such as out/gpt_llama")
+    png = plot.plot_run(folder)
+    if png:
+        print(f"loss curve in {png}")
+    return 0 if png else 2
+
+
 def main(argv=None):
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     torch_threads = torch.get_num_threads()
     try:
         args = flags.parse_args(sys.argv[1:] if argv is None else argv)
+        if args.examples is not None:
+            return write_examples(Path(args.examples))
+        if args.plot is not None:
+            return draw_again(Path(args.plot))
         return train(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -89,7 +89,7 @@ def build(contender, folder, dtype, args):
             return model(input_ids=ids, labels=ids, use_cache=False).loss
     else:
         import gpt_llama
-        import lora
+        from llm_machinery import lora
 
         model = gpt_llama.Model.from_pretrained(folder, dtype=dtype)
         if contender == "lora":
@@ -115,7 +115,7 @@ def measure(contender, key, dtype, folder, args):
 
     torch.set_num_threads(args.threads)
     import gpt_llama  # noqa: F401  (imports out of the way of the memory baseline)
-    import lora  # noqa: F401
+    from llm_machinery import lora  # noqa: F401
 
     if contender == "peft":
         import peft  # noqa: F401

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 PREPARE = """
 import resource, sys, time
 sys.path.insert(0, {root!r})
-import data
+from llm_machinery import data
 t = time.perf_counter()
 pipe = data.CausalLM({folder!r}, vocab_size={vocab}, workers={workers})
 wall = time.perf_counter() - t
@@ -40,7 +40,7 @@ print(wall, self_mb, child_mb, len(pipe.train_tokens) + len(pipe.val_tokens))
 WHOLE = """
 import resource, sys, time
 sys.path.insert(0, {root!r})
-import corpus
+from llm_machinery import corpus
 t = time.perf_counter()
 train_text, val_text = corpus.split_text(corpus.read_text({folder!r}))
 tokenizer, key = corpus.train_tokenizer(train_text, {vocab})
@@ -126,7 +126,7 @@ def main():
               f"main {self_mb:,.0f} MB, largest worker {child_mb:,.0f} MB", flush=True)
 
         os.environ["LLMS_FROM_SCRATCH_CACHE"] = str(cache)
-        import corpus
+        from llm_machinery import corpus
 
         tokenizer_dir = next((cache / "tokenizers").iterdir())
         all_docs = list(corpus.documents(str(folder)))

@@ -110,7 +110,7 @@ def main():
         names = [n for n in names if starts[args.round - 1] <= list(CANDIDATES).index(n) < starts[args.round]]
 
     sys.path.insert(0, str(ROOT))
-    import data
+    from llm_machinery import data
 
     for vocab in sorted({CANDIDATES[n][1]["vocab_size"] for n in names}):
         data.CausalLM(None, vocab_size=vocab)  # train and cache outside the timed runs

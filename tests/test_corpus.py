@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import corpus
-import data
+from llm_machinery import corpus, data
 import train
 from conftest import stop_at_step  # noqa: E402
 from test_train import TINY, weights
@@ -266,7 +265,7 @@ def test_a_txt_file_read_a_block_at_a_time_cuts_as_the_whole_text_would(tmp_path
 
 def test_corpus_py_needs_no_torch():
     """Preparing a corpus is numpy's work; tensors begin in data.py."""
-    code = "import corpus, sys; assert 'torch' not in sys.modules, 'corpus.py imported torch'"
+    code = "from llm_machinery import corpus; import sys; assert 'torch' not in sys.modules, 'corpus.py imported torch'"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
 

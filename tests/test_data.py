@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import corpus
-import data
+from llm_machinery import corpus, data
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 

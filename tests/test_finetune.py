@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import bpe
 import gpt_llama
-import runs
+from llm_machinery import runs
 import sample
 import train
 

@@ -16,10 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import corpus
-import data
-import images
-import runs
+from llm_machinery import corpus, data, images, runs
 import sample
 import siglip
 import train

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 import bpe
 import gpt_llama
-import lora
+from llm_machinery import lora
 import moe
-import runs
+from llm_machinery import runs
 import sample
 import train
 

@@ -6,8 +6,7 @@ import types
 
 import torch
 
-import corpus
-import data
+from llm_machinery import corpus, data, runs
 import train
 
 from conftest import stop_at_step  # noqa: E402
@@ -66,7 +65,7 @@ def test_one_cpu_thread_is_singular(corpus_env, tmp_path, capsys):
 
 def test_an_empty_answer_is_said_and_counted(monkeypatch, capsys):
     import bpe
-    import runs
+    from llm_machinery import runs
     import sample
 
     tokenizer = bpe.train("hello world, hello there", 260)
@@ -85,7 +84,7 @@ def test_an_empty_answer_is_said_and_counted(monkeypatch, capsys):
 
 
 def test_a_sample_of_a_streamed_corpus_ends_at_its_separator(tmp_path, monkeypatch):
-    import runs
+    from llm_machinery import runs
 
     monkeypatch.setenv("LLMS_FROM_SCRATCH_CACHE", str(tmp_path / "cache"))
     docs = [{"text": f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 20} for i in range(40)]
@@ -95,3 +94,19 @@ def test_a_sample_of_a_streamed_corpus_ends_at_its_separator(tmp_path, monkeypat
                        "--threads", "1", "--sample-tokens", "0", "--workers", "1"]) == 0
     _, tokenizer, ends = runs.load_run(out)
     assert ends == {tokenizer.special_tokens["<|endoftext|>"]}
+
+
+def test_a_device_torch_does_not_see_is_refused_in_one_sentence(tmp_path, monkeypatch, capsys):
+    """--device cuda (or mps) where torch sees none: one sentence and exit 2, before anything is written;
+    where torch sees one, the same flag picks it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device, said in (("cuda", "torch sees no CUDA GPU"), ("cuda:1", "torch sees no CUDA GPU"),
+                         ("mps", "torch sees no Apple GPU")):
+        out = tmp_path / device.replace(":", "_")
+        assert train.main(["--data", "missing.txt", "--out", str(out), *TINY, "--max-steps", "1", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err and "Traceback" not in err, err
+        assert not out.exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runs.pick_device("cuda") == torch.device("cuda") and runs.pick_device("auto") == torch.device("cuda")

@@ -207,6 +207,38 @@ def test_unexpected_tensors_are_refused(pair, tmp_path):
         Model.from_pretrained(tmp_path)
 
 
+def test_a_checkpoint_with_siglips_pooling_head_loads_without_it(tmp_path, capsys):
+    """transformers builds SigLIP's pooling head (vision_tower.head.*) whenever the vision config leaves
+    vision_use_head at its default; PaliGemma never runs it. Its tensors are skipped with one note, the
+    logits still equal transformers', and any other stray tensor is still refused."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    vision = {k: v for k, v in VISION.items() if k != "vision_use_head"}
+    text = dict(model_type="gemma", vocab_size=VOCAB, max_position_embeddings=64, **CASES["gqa"])
+    config = transformers.PaliGemmaConfig(text_config=text, vision_config=vision, projection_dim=text["hidden_size"],
+                                          image_token_index=IMAGE_TOKEN)
+    ref = transformers.PaliGemmaForConditionalGeneration(config).eval()
+    ref.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    head = [k for k in tensors if ".head." in k]
+    assert head, "transformers no longer builds the pooling head; this test needs another checkpoint"
+    capsys.readouterr()
+    model = Model.from_pretrained(tmp_path)
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [f"note: {tmp_path} holds SigLIP's pooling head (vision_tower.head.*, {len(head)} tensors), "
+                     "which PaliGemma does not use; skipped"]
+    pixel_values, ids, prefix_len, lengths = batch()
+    expected = hf_logits(ref, pixel_values, ids, prefix_len, lengths)
+    with torch.no_grad():
+        logits, _ = model(pixel_values, ids, prefix_len)
+    for row, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(logits[row, :n], expected[row, :n], atol=1e-4, rtol=1e-4)
+    save_file({**tensors, "model.vision_tower.vision_model.extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="does not have: model.vision_tower.vision_model.extra.weight"):
+        Model.from_pretrained(tmp_path)
+
+
 def test_a_stored_copy_of_the_tied_head_loads_and_an_untied_head_is_refused(pair, tmp_path):
     from safetensors.torch import load_file, save_file
 

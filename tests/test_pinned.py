@@ -29,9 +29,7 @@ STEPS = 20
 
 def first_batch(name):
     """The first batch the default pipeline of model file `name` gives train.py, with seed 0."""
-    import data
-    import flags
-    import runs
+    from llm_machinery import data, flags, runs
 
     module = importlib.import_module(name)
     args = flags.parse_args(["--model", name])

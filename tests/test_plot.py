@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import plot
+from llm_machinery import plot
 import train
 
 
@@ -39,3 +39,21 @@ def test_a_finished_run_rerun_draws_its_missing_plot(corpus_env, capsys):
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "metrics.jsonl").read_text() == metrics  # drawn, not trained again
     assert json.loads(metrics.splitlines()[-1])["step"] == 4
+
+
+def test_plot_draws_a_run_again_and_names_a_missing_folder(corpus_env, tmp_path, capsys):
+    """train.py --plot RUN draws RUN/loss.png again and trains nothing; a folder that is not there, or holds
+    no run, is said in one sentence."""
+    pytest.importorskip("matplotlib")
+    out = corpus_env / "plotless"
+    if not (out / "metrics.jsonl").exists():
+        test_a_finished_run_rerun_draws_its_missing_plot(corpus_env, capsys)
+    (out / "loss.png").unlink()
+    metrics = (out / "metrics.jsonl").read_text()
+    assert train.main(["--plot", str(out)]) == 0
+    assert capsys.readouterr().out == f"loss curve in {out / 'loss.png'}\n"
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and (out / "metrics.jsonl").read_text() == metrics
+    assert train.main(["--plot", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'} does not exist; give a folder that train.py wrote, such as out/gpt_llama\n"
+    assert train.main(["--plot", str(tmp_path)]) == 2
+    assert "holds no metrics.jsonl" in capsys.readouterr().err

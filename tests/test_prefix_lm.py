@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import corpus
-import data
+from llm_machinery import corpus, data
 import paligemma
 import train
 
@@ -151,6 +150,14 @@ def test_exact_match_accuracy_is_counted_right(pipe):
     assert math.isclose(result["val_accuracy"], sum(e[2] == "red" for e in examples) / n)
     assert math.isclose(result["val_accuracy_color"], 1 / 6) and result["val_accuracy_caption"] == 0.0
     assert math.isclose(result["val_accuracy_held_out"], 1 / 3 / 5)  # red triangle: one in three, colour only
+    # Only the whole answer counts: its first word ("red" for "red circle") is wrong, and so is more than it
+    # ("red circle" for "red"), so each scores exactly the answers of one word.
+    one_word = sum(len(e[2].split()) == 1 for e in examples) / n
+    assert 0 < one_word < 1
+    for answers in ([e[2].split()[0] for e in examples], [e[2].split()[0] + " circle" for e in examples]):
+        result = pipe.evaluate(StandIn(pipe, answers, pipe.tokenizer.n_vocab), c, 32, "cpu", contextlib.nullcontext)
+        assert math.isclose(result["val_accuracy"], sum(a == e[2] for a, e in zip(answers, examples)) / n)
+    assert math.isclose(result["val_accuracy"], sum(e[2].split()[0] + " circle" == e[2] for e in examples) / n)
 
 
 def prefix_folder(root, n=12, bad=None):

@@ -18,7 +18,7 @@ MODEL_FILES = [n for n in ("gpt_llama", "moe", "bpe", "siglip", "paligemma") if 
 # that needs it. bpe.py also needs `regex`, which tiktoken installs, for its Unicode split patterns.
 ALLOWED_TOP_LEVEL = {"torch", "numpy", "PIL", "regex"} | set(sys.stdlib_module_names)
 # "# copied from gpt_llama.py: rope_tables", or with "(adapted: what was left out)" after the name.
-MARKER = re.compile(r"^\s*# copied from (\w+\.py): (\w+)(?: \(adapted: (.+)\))?\s*$")
+MARKER = re.compile(r"^\s*# copied from ((?:llm_machinery/)?\w+\.py): (\w+)(?: \(adapted: (.+)\))?\s*$")
 
 
 def top_level_imports(tree):
@@ -36,7 +36,7 @@ def test_model_file_imports_only_allowed_modules(name):
     assert not bad, f"{name}.py imports {bad} at module level; import optional extras lazily"
 
 
-PROJECT_MODULES = {p.stem for p in ROOT.glob("*.py")} | {"siglip", "paligemma", "data", "train", "sample"}
+PROJECT_MODULES = {p.stem for p in ROOT.glob("*.py")} | {"siglip", "paligemma", "train", "sample", "llm_machinery"}
 
 # Runs a file as __main__ from the current folder, with every other module of this project made
 # unimportable, so that an editable install of the project cannot hide a missing file.
@@ -251,11 +251,12 @@ def test_copy_check_catches_drift_in_adapted_copies(tmp_path):
         assert verdict and "drifted" in verdict, case
 
 
-@pytest.mark.parametrize("name", [n for n in ("train", "sample", "data") if (ROOT / f"{n}.py").exists()])
-def test_generic_scripts_do_not_branch_on_a_model_name(name):
-    """train.py, sample.py and data.py learn what a model needs from its file, never from its name."""
+@pytest.mark.parametrize("path", ["train.py", "sample.py", *(f"llm_machinery/{p.name}" for p in (ROOT / "llm_machinery").glob("*.py"))])
+def test_generic_scripts_do_not_branch_on_a_model_name(path):
+    """train.py, sample.py and the machinery learn what a model needs from its file, never from its name."""
     models = {"gpt_llama", "moe", "siglip", "paligemma"}
-    tree = ast.parse((ROOT / f"{name}.py").read_text())
+    name = path
+    tree = ast.parse((ROOT / path).read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare):
             literals = {c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)}

@@ -47,7 +47,7 @@ def test_the_readme_commands_are_found():
 def test_every_quick_start_command_runs_as_written(tmp_path):
     work = tmp_path / "project"
     shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", ".venv*", "out", "__pycache__", "*.egg-info",
-                                                               ".pytest_cache", ".hypothesis", "my_texts", "pictures"))
+                                                               ".pytest_cache", ".hypothesis", "examples"))
     env = {**os.environ, "LLMS_FROM_SCRATCH_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(work),
            "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     ran = 0

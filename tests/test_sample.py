@@ -10,8 +10,7 @@ import pytest
 import numpy as np
 import torch
 
-import images
-import runs
+from llm_machinery import images, runs
 import sample
 import train
 

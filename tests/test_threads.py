@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-import threads
+from llm_machinery import threads
 import train
 
 from test_train import TINY

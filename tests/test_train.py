@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import runs
+from llm_machinery import runs
 import train
 
 from conftest import start_train, stop_at_step  # noqa: E402

@@ -26,8 +26,8 @@ the prompt before an answer is exactly the ids prompt() gives for it.
 import re
 from datetime import datetime
 
-from corpus import UserError
-from runs import eos_ids, read_json
+from llm_machinery.corpus import UserError
+from llm_machinery.runs import eos_ids, read_json
 
 # The special tokens a chat template may name, passed to it by name as transformers passes them.
 TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")

@@ -1,5 +1,5 @@
 """
-loss.png of a training run, drawn from its metrics.jsonl: python plot.py out/gpt_llama
+loss.png of a training run, drawn from its metrics.jsonl: python train.py --plot out/gpt_llama
 
 One panel for the training and validation loss, then one for each other number the run logged:
 each evaluation metric (bits per byte, perplexity; accuracies, with the per-question ones of an
@@ -10,10 +10,9 @@ It needs matplotlib: pip install -e ".[plots]".
 
 import json
 import math
-import sys
 from pathlib import Path
 
-from corpus import atomic_write
+from llm_machinery.corpus import atomic_write
 
 # What every step record holds; the rest of a record are the model's own metrics.
 STEP_KEYS = {"step", "loss", "lr", "mfu", "time"}
@@ -77,11 +76,3 @@ def plot_run(out):
     plt.close(fig)
     return out / "loss.png"
 
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "metrics.jsonl").is_file():
-        print("usage: python plot.py RUN_FOLDER (a folder train.py wrote, holding metrics.jsonl)", file=sys.stderr)
-        sys.exit(2)
-    png = plot_run(sys.argv[1])
-    if png:
-        print(f"loss curve in {png}")

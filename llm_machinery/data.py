@@ -62,11 +62,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
-import conversations
-import corpus
-import images
-import runs
-from corpus import UserError
+from llm_machinery import conversations, corpus, images, runs
+from llm_machinery.corpus import UserError
 
 
 # --------------------------------------------------------------------------------------- causal LM

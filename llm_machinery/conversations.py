@@ -3,8 +3,8 @@ Conversations to fine-tune a chat model on, as instruct models are taught to ans
 fine-tuning, InstructGPT: Ouyang et al. 2022, arXiv:2203.02155): data.py's causal-LM pipeline for a
 --data whose records are chats rather than text.
 
-    python conversations.py pydoc_chats.jsonl        # the built-in example: questions on Python's docs
-    python train.py --init out/gpt_llama --data pydoc_chats.jsonl
+    python train.py --examples                       # examples/pydoc_chats.jsonl: questions on Python's docs
+    python train.py --init out/gpt_llama --data examples/pydoc_chats.jsonl
     python sample.py out/gpt_llama-pydoc_chats --chat
 
 Records, in a .jsonl file, a folder of them, parquet or a save_to_disk folder, in the format that
@@ -47,10 +47,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
-import chat
-import corpus
-import runs
-from corpus import UserError
+from llm_machinery import chat, corpus, runs
+from llm_machinery.corpus import UserError
 
 ROLES = ("system", "user", "assistant")
 N_ANSWERS = 3  # held-out questions answered greedily at each evaluation
@@ -431,9 +429,8 @@ def pydoc_chats(limit=240):
     return chats
 
 
-if __name__ == "__main__":
-    # python conversations.py pydoc_chats.jsonl: the built-in conversations, to fine-tune on with --data.
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "pydoc_chats.jsonl")
+def write_chats(path):
+    """The built-in conversations as jsonl (train.py --examples), to fine-tune on with --data."""
     chats = pydoc_chats()
     corpus.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(c) + "\n" for c in chats)))
-    print(f"{len(chats)} conversations in {path}")
+    return f"{len(chats)} conversations in {path}"

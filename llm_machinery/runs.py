@@ -38,17 +38,19 @@ from pathlib import Path
 
 import torch
 
-import lora
-from corpus import ENDOFTEXT, UserError, atomic_write, in_one_line
+from llm_machinery import lora
+from llm_machinery.corpus import ENDOFTEXT, UserError, atomic_write, in_one_line
 
-ROOT = Path(__file__).resolve().parent
+# The project's root: train.py, sample.py and the model files beside them, whether run from a clone
+# or installed, where pip puts them all at the top of site-packages beside this package.
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------ model files
 
 
 def model_choices():
-    """Files next to this one that define Model, Config and TASK at top level, found without importing them."""
+    """Files beside train.py that define Model, Config and TASK at top level, found without importing them."""
     found = []
     for path in sorted(ROOT.glob("*.py")):
         try:
@@ -277,7 +279,7 @@ def load_tokenizer(folder):
     if (folder / "tokenizer.tiktoken").is_file():
         return bpe.Tokenizer.load(folder)
     if (folder / "tokenizer.json").is_file():
-        import hf_tokenizer
+        from llm_machinery import hf_tokenizer
 
         return hf_tokenizer.load(folder / "tokenizer.json")
     if (folder / "tokenizer.model").is_file():

@@ -750,12 +750,12 @@ def in_one_line(error, limit=160):
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
-if __name__ == "__main__":
-    # python corpus.py my_texts: the built-in corpus as one .txt file a topic, to try --data on a folder.
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "my_texts")
-    folder.mkdir(parents=True, exist_ok=True)
+def write_texts(folder):
+    """The built-in corpus as one .txt file a topic (train.py --examples), to try --data on a folder."""
     from pydoc_data.topics import topics
 
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     for key in sorted(topics):
         (folder / f"{re.sub(r'[^A-Za-z0-9]+', '_', key)}.txt").write_text(topics[key], encoding="utf-8")
-    print(f"{len(topics)} .txt files in {folder}")
+    return f"{len(topics)} .txt files in {folder}"

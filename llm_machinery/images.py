@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
-import corpus
-from corpus import UserError
+from llm_machinery import corpus
+from llm_machinery.corpus import UserError
 
 
 # ------------------------------------------------------------------------------------------ texts
@@ -680,15 +680,13 @@ def folder_fingerprint(folder):
     return corpus.sha256("\n".join(f"{p.name}\t{p.stat().st_size}\t{t}" for p, t in folder.train + folder.val))
 
 
-if __name__ == "__main__":
-    # python images.py pictures: one picture of each colour and shape, 32 pixels wide as the image models
-    # are trained on them, named by what they show (pictures/red_circle.png), to hand to sample.py --image.
-    import sys
-
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "pictures")
+def write_pictures(folder):
+    """One picture of each colour and shape (train.py --examples), 32 pixels wide as the image models are
+    trained on them, named by what they show (red_circle.png), to hand to sample.py --image."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shapes = Shapes()
     for i, (colour, shape) in enumerate(shapes.combos):
-        image, caption, _ = shapes.draw(np.random.default_rng([0, i]), colour, shape, 32)
+        image, _, _ = shapes.draw(np.random.default_rng([0, i]), colour, shape, 32)
         image.save(folder / f"{colour}_{shape}.png")
-        print(f"{folder / f'{colour}_{shape}.png'}: {caption}")
+    return f"{len(shapes.combos)} pictures in {folder}, such as {folder / '_'.join(shapes.combos[0])}.png"
