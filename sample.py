@@ -26,6 +26,7 @@ import argparse
 import codecs
 import inspect
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,9 @@ from llm_machinery.corpus import UserError
 
 
 DEFAULT_NEW_TOKENS = 200
+# In a chat, an answer has at least this share of the context (or --max-new-tokens, if less) before the
+# oldest turns give way: room for a sentence on a small model, without dropping turns that still fit.
+MIN_ANSWER_SHARE = 0.25
 
 
 def new_tokens(args, room, context):
@@ -100,14 +104,18 @@ def chat_turn(model, tokenizer, chat_format, history, prompt, args, device, eos_
     """Print the answer to prompt, the next user turn of the conversation history, which gains the
     turn and the answer; return (the ids printed, seconds).
 
-    The whole conversation is the model's prompt, so that it answers in context. When it leaves less
-    room than the answer asks for, its oldest turns (a question and its answer) give way."""
+    The whole conversation is the model's prompt, so that it answers in context, and the answer may take
+    what the context has left. Only when that is less than an answer needs (MIN_ANSWER_SHARE) do the
+    oldest turns, a question and its answer, give way, and the note names each."""
     history.append({"role": "user", "content": prompt})
     ids = chat_format.prompt(history)
     context = model.config.max_seq_len
-    while len(history) > 1 and len(ids) + (args.max_new_tokens or DEFAULT_NEW_TOKENS) > context:
+    needed = min(args.max_new_tokens or DEFAULT_NEW_TOKENS, max(1, int(context * MIN_ANSWER_SHARE)))
+    while len(history) > 1 and context - len(ids) < needed:
+        question = history[0]["content"]
         del history[:2]
-        print(f"note: dropped the oldest turn of the conversation to fit the {context}-token context", file=sys.stderr)
+        print(f"note: the conversation outgrew the {context}-token context, so its oldest turn gave way: "
+              f"{question[:40] + '...' if len(question) > 40 else question!r}", file=sys.stderr)
         ids = chat_format.prompt(history)
     check_fits(ids, context)
     new, seconds = continuation(model, tokenizer, ids, args, device, eos_ids)
@@ -236,16 +244,18 @@ def main(argv=None):
         chat_format = chat.chat_format(Path(args.hf or args.folder), tokenizer) if args.chat else None
         if chat_format is not None:
             eos_ids |= chat_format.end_ids
-            if chat_format.note:
+            if args.folder and not runs.taught_to_answer(args.folder):
+                print(f"note: {args.folder} learnt from text alone and was never taught to answer, so it will go on "
+                      f"with your words rather than reply; teach it with: python train.py --init {args.folder} "
+                      "--data examples/pydoc_chats.jsonl (or a file of your own conversations)", file=sys.stderr)
+            elif chat_format.note:
                 print(f"note: {chat_format.note}", file=sys.stderr)
-        prompts = [args.prompt] if args.prompt is not None else None
-        if prompts is None and sys.stdin.isatty():
+        if args.prompt is None and sys.stdin.isatty():
             print(f"one {'turn' if chat_format else 'prompt'} per line; Ctrl-D to quit", file=sys.stderr)
         tokens = seconds = 0
         history = []
-        for line in prompts or sys.stdin:
-            line = line.rstrip("\n")
-            if prompts is None and not line.strip():
+        for line in prompt_lines(args):
+            if args.prompt is None and not line.strip():
                 continue
             try:
                 if chat_format is not None:
@@ -269,6 +279,26 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (sample.py ... | head -1): stop quietly, as Unix tools do. Python would
+        # flush stdout once more on the way out and complain; the flush now goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def prompt_lines(args):
+    """--prompt, else one line of standard input after another; at a terminal, after a "> " marker."""
+    if args.prompt is not None:
+        yield args.prompt
+    elif not sys.stdin.isatty():
+        yield from (line.rstrip("\n") for line in sys.stdin)
+    else:
+        while True:
+            try:
+                yield input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return
 
 
 if __name__ == "__main__":

@@ -268,14 +268,19 @@ class Run:
         self.eval_seconds, self.n_evals = self.eval_seconds + time.time() - t, self.n_evals + 1
         answers = result.pop("answers", None)  # text, not a metric (data.py)
         self.record({"step": self.step, **result})
+        if self.best is None or result["val_loss"] < self.best["val_loss"]:
+            self.best = {"step": self.step, "val_loss": result["val_loss"], "tensors": trained_tensors(self.raw_model)}
         if announce:
             self.progress.print(f"step {self.step} | {format_eval(result)}" + (f"\n{answers}" if answers else ""))
         return result
 
     def checkpoint(self, finished=False):
         if self.main_rank:
+            # The best weights so far travel with the state, so that a resumed run ends as an
+            # uninterrupted one does; where they are the current ones, the weights file holds them.
+            best = self.best and {**self.best, "tensors": self.best["tensors"] if self.best["step"] < self.step else None}
             runs.save_checkpoint(self.out, self.raw_model, self.optimizer, self.config, self.args.model, self.task, {
-                "step": self.step, "total_steps": self.total_steps, "elapsed": self.elapsed(), "finished": finished,
+                "best": best, "step": self.step, "total_steps": self.total_steps, "elapsed": self.elapsed(), "finished": finished,
                 "model": self.args.model, "config": dataclasses.asdict(self.config), "run": self.run_settings(),
                 "data": {"seed": self.args.seed, "step": self.step, "fingerprint": self.pipe.fingerprint},
             })
@@ -291,9 +296,17 @@ class Run:
         self.total_steps = self.step
         self.progress.print("")
         result = self.evaluate(announce=False)
+        self.log(f"step {self.step} | {format_eval(result)} | {format_seconds(self.elapsed())}")
+        # A model that learns its training set by heart gets worse on held-out data while its training
+        # loss still falls; the run ends with the weights of its best evaluation, as transformers'
+        # Trainer does with load_best_model_at_end.
+        best = self.best
+        if best["step"] < self.step:
+            self.raw_model.load_state_dict(best["tensors"], strict=False)
+            self.log(f"the validation loss was lowest at step {best['step']} ({best['val_loss']:.4f}), so the run "
+                     f"ends with the weights of step {best['step']}, not those of step {self.step}")
         self.checkpoint(finished=True)
-        self.log(f"step {self.step} | {format_eval(result)} | {format_seconds(self.elapsed())} | "
-                 f"weights in {self.out / 'model.safetensors'}")
+        self.log(f"weights in {self.out / 'model.safetensors'}")
         if self.main_rank and args.sample_tokens and hasattr(self.pipe, "demo"):
             self.log("sample:\n" + self.pipe.demo(self.raw_model, self.device, max_new_tokens=args.sample_tokens, seed=args.seed))
         self.plot()
@@ -419,6 +432,7 @@ class Run:
     def _prepare_output(self):
         """Check that out can be written, leaving it as it was."""
         self.saved = False  # whether this run has written a checkpoint
+        self.best = None  # {"step", "val_loss", "tensors"} of the lowest validation loss so far
         self.created_root = None  # the first folder of out's path that this run creates
         if not self.main_rank:
             return
@@ -448,6 +462,9 @@ class Run:
             if "cuda" in state["rng"] and self.device.type == "cuda":
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
             self.log(f"resuming {self.out} at step {self.step}")
+            self.best = state.get("best")
+            if self.best and self.best["tensors"] is None:
+                self.best["tensors"] = trained_tensors(self.model)
         else:
             torch.manual_seed(args.seed + self.rank)  # weights are equal on all ranks; dropout differs
         if self.rank != 0 and state is not None:  # the checkpoint holds rank 0's RNG state only
@@ -493,6 +510,13 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------ the log
+
+
+def trained_tensors(model):
+    """A CPU copy of what training changes: the parameters that take gradients (LoRA's adapters alone)
+    and the buffers that the model updates itself (moe.py's balancing biases)."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad} | {name for name, _ in model.named_buffers()}
+    return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items() if name in trained}
 
 
 def format_seconds(s):

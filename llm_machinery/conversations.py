@@ -101,6 +101,10 @@ def messages_of(record, where):
     return checked
 
 
+# Fewer held-out conversations than this make a validation loss that says little; the log says so.
+FEW_HELD_OUT = 20
+
+
 def tokenize(found, chat_format, key):
     """(ids, scored, starts) of the conversations found, (where, messages) pairs: their tokens one after
     another, whether each is the assistant's, and where each conversation starts (N + 1 offsets);
@@ -154,17 +158,23 @@ def batch(rows):
 class Conversations:
     """Chats for a causal LM, scored on the assistant's tokens: data.py's docstring lists the methods."""
 
-    def __init__(self, source, tokenizer=None, folder=None, vocab_size=2048, val_fraction=0.1):
+    def __init__(self, source, tokenizer=None, folder=None, vocab_size=2048, val_fraction=0.1, validation_source=None):
         """tokenizer: (tokenizer, key, files) of the --init folder, whose chat format renders the
         conversations; None to train a tokenizer on the training conversations' text, with the built-in
-        plain-text format."""
+        plain-text format. The conversations of validation_source are held out; without it, each
+        conversation of source is, with probability val_fraction, by a hash of its content."""
         found = [(where, messages_of(record, where)) for where, record in corpus.records(source)]
         if not found:
             raise UserError(f"--data {source} holds no conversations")
-        self.held = [corpus.is_validation(i, val_fraction) for i in range(len(found))]
-        if not any(self.held):
-            raise UserError(f"--data {source} has {len(found)} conversations, too few to hold out one in every "
-                            f"{1 / val_fraction:g} for validation; pass more")
+        self.validation_source = validation_source
+        if validation_source is None:
+            self.held = [corpus.is_held_out(messages, val_fraction) for _, messages in found]
+        else:
+            held_out = [(where, messages_of(record, where)) for where, record in corpus.records(validation_source)]
+            if not held_out:
+                raise UserError(f"--validation-file {validation_source} holds no conversations")
+            self.held = [False] * len(found) + [True] * len(held_out)
+            found += held_out
         self.chats = [messages for _, messages in found]
         if tokenizer is None:
             text = "\n\n".join(m["content"] for c, held in zip(self.chats, self.held) if not held for m in c)
@@ -173,18 +183,23 @@ class Conversations:
         else:
             self.tokenizer, key, self.tokenizer_files = tokenizer
         self.format = chat.chat_format(folder, self.tokenizer)
-        self.fingerprint = {"conversations_sha256": corpus.sha256(json.dumps(self.chats, sort_keys=True)),
+        self.fingerprint = {"conversations_sha256": corpus.sha256(json.dumps([self.chats, self.held], sort_keys=True)),
                             "tokenizer": key,
                             "chat_format": corpus.sha256(f"{self.format.source}{sorted(self.format.end_ids)}")[:16]}
         key = corpus.sha256(json.dumps(self.fingerprint, sort_keys=True))[:32]
         ids, scored, starts = tokenize(found, self.format, key)
         self.examples = [(ids[a:b], scored[a:b]) for a, b in zip(starts[:-1], starts[1:])]
         self.fitted = None
+        if not any(self.held):
+            raise UserError(f"none of the {len(found)} conversations of --data {source} fell among the "
+                            f"{val_fraction:.0%} held out for validation (chosen by a hash of each one's content); "
+                            "pass more, or conversations to validate on with --validation-file")
 
     @classmethod
     def from_options(cls, options, module, tokenizer=None):
         folder = getattr(options, "init", None)
-        return cls(options.data, tokenizer, None if folder is None else Path(folder), options.vocab_size)
+        return cls(options.data, tokenizer, None if folder is None else Path(folder), options.vocab_size,
+                   validation_source=getattr(options, "validation_file", None))
 
     def fit(self, context):
         """(training examples, validation (example, messages) pairs) that fit context + 1 tokens, and the
@@ -218,6 +233,11 @@ class Conversations:
         if not dist.is_initialized() or dist.get_rank() == 0:
             if self.format.note:
                 print(f"note: {self.format.note}", file=sys.stderr)
+            held = sum(self.held)
+            if self.validation_source is None and held < FEW_HELD_OUT:
+                print(f"{held} of {len(self.held)} conversations are held out for validation (chosen by a hash of each "
+                      "one's content); a validation loss over so few is noisy: --validation-file FILE takes "
+                      "conversations of your own to validate on", file=sys.stderr)
             if cut or dropped:
                 print(f"note: {cut + dropped:,} of {len(self.examples):,} conversations run past the {context}-token "
                       f"context: {cut:,} end after their last answer that fits, {dropped:,} are dropped (their first "

@@ -415,6 +415,15 @@ def is_validation(index, val_fraction):
     return int((index + 1) * val_fraction) > int(index * val_fraction)
 
 
+def is_held_out(record, val_fraction):
+    """Whether a record (a conversation, a preference pair: anything json can write) is held out for
+    validation: by a hash of its content, not its place, so that a file in any order, cycling through a
+    few kinds of record, say, is split the same way, and exact duplicates fall on the same side, where
+    none can leak from training into validation."""
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < val_fraction * 2**64
+
+
 def survey(source, text_field, clean, val_fraction):
     """One pass over the documents: their number and bytes, the training bytes, a sha256 of their
     content (each document's length and bytes, in order) and the cleaner's counts."""

@@ -96,6 +96,8 @@ class CausalLM:
         """The pipeline of --data: this one for text, conversations.Conversations for records of chats."""
         if conversations.is_conversations(options.data, options.text_field):
             return conversations.Conversations.from_options(options, module, tokenizer)
+        if getattr(options, "validation_file", None) is not None:  # refused before the corpus is read
+            raise UserError(VALIDATION_FILE_APPLIES)
         return cls(options.data, options.vocab_size, tokenizer=tokenizer, text_field=options.text_field,
                    clean=options.clean, workers=options.workers)
 
@@ -270,6 +272,8 @@ class WindowStream(IterableDataset):
 # ---------------------------------------------------------------------------------------- registry
 
 
+VALIDATION_FILE_APPLIES = ("--validation-file applies to conversations: a text corpus or an image folder holds out "
+                           "its own share of the data")
 PIPELINES = {"causal_lm": CausalLM, "image_text": images.ImageText, "prefix_lm": images.PrefixLM}
 
 
@@ -283,4 +287,7 @@ def pipeline(module, options, tokenizer=None):
     task = getattr(module, "TASK", None)
     if task not in PIPELINES:
         raise UserError(f"no data pipeline for TASK {task!r}; data.py knows {', '.join(sorted(PIPELINES))}")
-    return PIPELINES[task].from_options(options, module, tokenizer)
+    made = PIPELINES[task].from_options(options, module, tokenizer)
+    if getattr(options, "validation_file", None) is not None and getattr(made, "validation_source", None) is None:
+        raise UserError(VALIDATION_FILE_APPLIES)
+    return made

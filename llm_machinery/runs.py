@@ -181,6 +181,16 @@ def load_run(folder):
     return model, tokenizer, eos_ids(folder, saved) | ends
 
 
+def taught_to_answer(folder):
+    """Whether the model of a run folder learnt to answer in a chat format: fine-tuned here on data with
+    one (conversations, preference pairs), or started from a folder that ships its chat template. A
+    folder written before train.py recorded its data counts as taught, since nothing says otherwise."""
+    from llm_machinery import chat
+
+    data = read_folder_config(folder).get("data")
+    return not isinstance(data, dict) or "chat_format" in data or chat.chat_template(Path(folder)) is not None
+
+
 def load_hf(folder, dtype="float32"):
     """(model, tokenizer, eos_ids) from a Hugging Face checkpoint folder, the weights in dtype."""
     folder = existing(folder)
@@ -368,7 +378,9 @@ def save_checkpoint(out, model, optimizer, config, name, task, state):
         save_adapters(out, model, name, task, state)
         # Buffers that training changes (moe.py's balancing biases) are no adapters, yet resuming needs them.
         state = {**state, "buffers": {k: v for k, v in model.state_dict().items() if k in dict(model.named_buffers())}}
-    config_json = json.dumps({"model": name, "task": task, "config": dataclasses.asdict(config)}, indent=2)
+    # What the model learnt from (the data's fingerprint) goes beside its config, where sample.py reads it.
+    fields = {"model": name, "task": task, "config": dataclasses.asdict(config), "data": state["data"]["fingerprint"]}
+    config_json = json.dumps(fields, indent=2)
     atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(config_json + "\n"))
     state = {**state, "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}}
     if torch.cuda.is_available():

@@ -3,8 +3,10 @@ return_assistant_tokens_mask and TRL's labels on tiny Llama and Qwen2 folders wh
 here; the batches, their order and their weights; long conversations; bad input; a tiny model that
 learns to reverse words and answers in sample.py --chat; and the built-in example."""
 
+import io
 import itertools
 import json
+import sys
 import shutil
 import types
 
@@ -209,7 +211,7 @@ def test_records_of_chats_are_conversations_and_text_stays_text(tmp_path):
     for source in (jsonl, tmp_path / "chats.parquet", tmp_path / "saved"):
         assert conversations.is_conversations(str(source))
         assert [conversations.messages_of(r, w) for w, r in corpus.records(str(source))] == CONVERSATIONS
-    options = types.SimpleNamespace(data=str(write_jsonl(tmp_path / "more.jsonl", records * 4)), text_field="text",
+    options = types.SimpleNamespace(data=str(write_jsonl(tmp_path / "more.jsonl", capitals(60))), text_field="text",
                                     vocab_size=300, init=None)
     assert isinstance(data.pipeline(gpt_llama, options), conversations.Conversations)
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hello!", "completion": "Hi."}])
@@ -241,17 +243,64 @@ def test_the_log_counts_the_conversations_cut_and_dropped(tmp_path, capsys):
     long = "The cat sat on the mat and the dog ate its food. " * 4
     short = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}]
     chats = [[*short, {"role": "user", "content": "And?"}, {"role": "assistant", "content": long}],
-             [short[0], {"role": "assistant", "content": long}]] + [short] * 18
+             [short[0], {"role": "assistant", "content": long}]]
+    chats += [[{"role": "user", "content": f"Hello {i}!"}, short[1]] for i in range(18)]
+    held = [corpus.is_held_out(c, 0.1) for c in chats]
+    assert not held[0] and any(held)  # the records are chosen so; the split itself is tested below
     pipe = conversations.Conversations(str(write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in chats])),
                                        vocab_size=300)
     capsys.readouterr()
     pipe.check(types.SimpleNamespace(max_seq_len=32))
     train_rows, val, cut, dropped = pipe.fit(32)
-    assert (len(train_rows), len(val), cut, dropped) == (17, 2, 1, 1)
-    assert train_rows[0][0].tolist() == train_rows[1][0].tolist()  # the first exchange, as the short ones
+    assert (len(train_rows), len(val), cut, dropped) == (19 - sum(held[2:]), sum(held), 1, 1)
+    ids, scored = map(np.array, pipe.format.tokens(short))
+    assert train_rows[0][0].tolist() == conversations.fit(ids, scored, 32)[0].tolist()  # cut after its first exchange
     err = capsys.readouterr().err
     assert "2 of 20 conversations run past the 32-token context: 1 end after their last answer that fits, 1 are dropped" in err
     assert "no chat template, so conversations take the built-in plain-text format" in err
+    assert f"{sum(held)} of 20 conversations are held out for validation (chosen by a hash of each one's content)" in err
+    assert "--validation-file FILE" in err
+
+
+def capitals(n):
+    """n questions on capital cities cycling through ten countries, as a user's file may hold them."""
+    countries = ["France", "Japan", "Peru", "Kenya", "Norway", "Chile", "Egypt", "Spain", "India", "Canada"]
+    asks = ["What is the capital of {}?", "Name the capital of {}.", "Which city is the capital of {}?",
+            "Tell me the capital of {}.", "{}: its capital?", "The capital of {} is which city?"]
+    return [{"messages": [{"role": "user", "content": asks[i // 10 % len(asks)].format(countries[i % 10]) + " " * (i // 60)},
+                          {"role": "assistant", "content": f"The capital of {countries[i % 10]}."}]} for i in range(n)]
+
+
+def test_the_held_out_records_follow_their_content_not_their_order(tmp_path):
+    """A file cycling through ten countries: the held-out questions cover several of them (held out by
+    place, every tenth record would be on one country), the split is the same whatever the order, and
+    exact duplicates fall on one side."""
+    records = capitals(120)
+    pipe = conversations.Conversations(str(write_jsonl(tmp_path / "c.jsonl", records)), vocab_size=300)
+    held = [r["messages"] for r, h in zip(records, pipe.held) if h]
+    assert 4 <= len(held) <= 24
+    assert len({m[1]["content"] for m in held}) >= 5  # countries among the held-out answers
+    shuffled = [records[i] for i in np.random.default_rng(0).permutation(len(records))]
+    again = conversations.Conversations(str(write_jsonl(tmp_path / "s.jsonl", shuffled + records[:30])), vocab_size=300)
+    assert sorted(map(str, held)) == sorted({str(c) for c, h in zip(again.chats, again.held) if h})
+    twice = {}
+    for chat_messages, h in zip(again.chats, again.held):
+        twice.setdefault(str(chat_messages), set()).add(h)
+    assert all(len(sides) == 1 for sides in twice.values())
+
+
+def test_a_validation_file_holds_the_held_out_conversations(tmp_path, corpus_env, capsys):
+    records = capitals(40)
+    source, held_out = write_jsonl(tmp_path / "train.jsonl", records[:30]), write_jsonl(tmp_path / "val.jsonl", records[30:])
+    pipe = conversations.Conversations(str(source), vocab_size=300, validation_source=str(held_out))
+    assert pipe.held == [False] * 30 + [True] * 10 and pipe.chats == [r["messages"] for r in records]
+    # A text corpus holds out its own documents: the flag is refused there, in one sentence.
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert train.main(["--data", str(corpus_env / "corpus.txt"), "--validation-file", str(held_out), "--out", str(out),
+                       "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--validation-file applies to conversations" in err and len(err.splitlines()) == 1 and not out.exists()
 
 
 def rows_of(b):
@@ -369,7 +418,7 @@ def test_a_tiny_model_learns_to_answer_held_out_questions_in_sample_chat(env, tm
     write_hf_folder(folder, "qwen2", unmarked(QWEN_TEMPLATE), width=64)
     records = reversals()
     source = write_jsonl(tmp_path / "reverse.jsonl", records)
-    held_out = [r["messages"] for i, r in enumerate(records) if corpus.is_validation(i, 0.1)][:8]
+    held_out = [r["messages"] for r in records if corpus.is_held_out(r["messages"], 0.1)][:8]
 
     def right(flags):
         n = 0
@@ -421,3 +470,17 @@ def test_the_built_in_example_fine_tunes_a_model_trained_here(corpus_env, tmp_pa
     assert sample.main([str(out), "--chat", "--prompt", question, "--max-new-tokens", "4"]) == 0
     tokenizer = runs.load_tokenizer(out)
     assert calls == [(tokenizer.encode_ordinary(f"user:\n{question}\x04\nassistant:\n"), {tokenizer.encode_ordinary("\x04")[0]})]
+    # Three turns on this 128-token model with the default answer budget: every prompt holds the whole
+    # conversation so far, and no turn gives way.
+    calls.clear()
+    questions = ["What is pass?", "And else?", "And for?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(q + "\n" for q in questions)))
+    capsys.readouterr()
+    assert sample.main([str(out), "--chat"]) == 0
+    so_far = ""
+    for (ids, _), question in zip(calls, questions):
+        so_far += f"user:\n{question}\x04\nassistant:\n"
+        assert ids == tokenizer.encode_ordinary(so_far)
+        so_far += "\x04\n"  # the stand-in's answer is empty
+    assert len(calls) == 3 and "gave way" not in capsys.readouterr().err
+    assert len(ids) + 200 > 128  # where the old rule, which kept room for the whole default budget, dropped turns

@@ -1,6 +1,7 @@
 """sample.py: streaming from a trained folder, interactive prompts, Hugging Face Llama folders, bad input."""
 
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -362,7 +363,33 @@ def test_chat_drops_the_oldest_turns_that_no_longer_fit(hf_folders, capsys, monk
         conversation = [m for i in turns for m in ({"role": "user", "content": questions[i]},
                                                    {"role": "assistant", "content": answers[i]})][:-1]
         assert ids == tokenizer.apply_chat_template(conversation, add_generation_prompt=True)["input_ids"]
-    assert err.count("note: dropped the oldest turn") == 1
+    assert err.count("note: the conversation outgrew the 128-token context, so its oldest turn gave way") == 1
+    assert f"gave way: {questions[0]!r}" in err
+
+
+def test_a_short_chat_keeps_every_turn_and_the_answer_takes_what_is_left(hf_folders, capsys, monkeypatch):
+    """Turns on a 128-token model, with the default answer budget (200 tokens, more than the whole context):
+    each prompt holds the whole conversation so far, and each answer may take the rest. (This tokenizer
+    of 320 tokens spends about 35 on a short turn; tests/test_conversations.py holds three turns.)"""
+    folder, _ = hf_folders["qwen2"]
+    tokenizer = hf_tokenizer(folder)
+    calls = []
+
+    def brief(model, tokenizer_, ids, args, device, eos_ids):
+        calls.append((list(ids), sample.new_tokens(args, model.config.max_seq_len - len(ids), 128)))
+        return tokenizer_.encode_ordinary("Fine, thanks."), 1.0
+
+    monkeypatch.setattr(sample, "continuation", brief)
+    questions = ["Hello!", "The cat?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(q + "\n" for q in questions)))
+    assert sample.main(["--hf", str(folder), "--chat", "--temperature", "0"]) == 0
+    conversation = []
+    for (ids, budget), question in zip(calls, questions):
+        conversation.append({"role": "user", "content": question})
+        assert ids == tokenizer.apply_chat_template(conversation, add_generation_prompt=True)["input_ids"]
+        assert budget == 128 - len(ids)
+        conversation.append({"role": "assistant", "content": "Fine, thanks."})
+    assert len(calls) == 2 and "gave way" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, why", [("llama", "no jinja2"), ("llama", "jinja2 3.1.5"), ("qwen2", "no template")])
@@ -453,11 +480,26 @@ def test_hugging_face_bad_input(hf_folders, tmp_path, capsys, monkeypatch, chang
     assert err.startswith("error: ") and match in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_run_folder_chats_too(trained, capsys):
-    """A folder train.py wrote chats in its chat format; this one, trained on text with a tokenizer
-    without special tokens, in the built-in plain-text one (tests/test_conversations.py trains one in it)."""
+def test_a_run_never_taught_to_answer_says_so_and_names_the_command_that_teaches_it(trained, capsys):
     assert sample.main([str(trained), "--chat", "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
-    assert "conversations take the built-in plain-text format" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"note: {trained} learnt from text alone and was never taught to answer" in err
+    assert f"python train.py --init {trained} --data examples/pydoc_chats.jsonl" in err
+
+
+@pytest.mark.slow
+def test_a_reader_that_stops_early_ends_the_output_quietly(trained):
+    """sample.py ... | head -1: the reader has gone when sample.py writes. Its pipe, closed before it starts
+    here so that the first write fails whatever the timing, ends sample.py with exit 0 and no traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        run = subprocess.run([sys.executable, "sample.py", str(trained), "--prompt", "The", "--max-new-tokens", "5"],
+                             stdout=write, stderr=subprocess.PIPE, cwd=ROOT, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        os.close(write)
+    assert run.returncode == 0 and "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr
 
 
 def test_bf16_weights_answer_as_transformers_in_bf16(hf_folders, capsys, prompts_and_answers, tmp_path):
