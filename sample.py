@@ -185,7 +185,7 @@ def parse_args(argv):
     class Help(runs.HelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
 
-    p = runs.ArgumentParser(description=__doc__.strip(), formatter_class=Help)
+    p = runs.ArgumentParser(prog="sample.py", description=__doc__.strip(), formatter_class=Help)
     p.add_argument("folder", nargs="?", help="a folder written by train.py (e.g. out/gpt_llama)")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder instead (config.json, safetensors, "
                    "tokenizer.json or tokenizer.model)")

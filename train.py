@@ -139,8 +139,22 @@ class Run:
         self._distributed()
         self._data_and_model()
         self.state = None
+        # Conversations (data with a chat format) usually teach a trained model to answer; without --init,
+        # a new model learns from them alone, which is seldom what was meant.
+        from_scratch_chat = args.init is None and "chat_format" in self.pipe.fingerprint
         if (self.out / "state.pt").exists() and not args.fresh:
-            self.state = runs.load_checkpoint(self.out, self.model, self.config, args.model, self.pipe.fingerprint, self.run_settings())
+            try:
+                self.state = runs.load_checkpoint(self.out, self.model, self.config, args.model, self.pipe.fingerprint,
+                                                  self.run_settings())
+            except UserError as e:
+                if from_scratch_chat:
+                    raise UserError(f"conversations fine-tune a model given with --init, as in python train.py --init "
+                                    f"out/{args.model} --data {args.data}; without it, this run is a new model that does "
+                                    f"not fit the run in {self.out} ({str(e).partition('; ')[0].removeprefix(f'{self.out} ')})") from None
+                raise
+        elif from_scratch_chat and self.main_rank:
+            print("no --init, so a new model learns from these conversations alone; to teach a trained model to answer, "
+                  "give it with --init DIR", file=sys.stderr)
         self.already_finished = bool(self.state and self.state.get("finished")
                                      and (args.max_steps is None or args.max_steps <= self.state["step"]))
         if self.already_finished:
@@ -202,8 +216,11 @@ class Run:
         self.step += 1
         if self.first_step_time is None:
             self.first_step_time = time.time()
-        if change := self.threads.step(time.perf_counter() - started):
-            self.progress.print(change)
+        # The tuner's tries are its own business; the log hears of the count only when it changes.
+        if (change := self.threads.step(time.perf_counter() - started)) and self.threads.trying is None:
+            if torch.get_num_threads() != self.shown_threads:
+                self.shown_threads = self.threads.threads
+                self.progress.print(f"threads: {change}")
         return bool(stop_requested)
 
     def plan(self):
@@ -243,7 +260,9 @@ class Run:
             eta = self.budget - self.elapsed()
         extra = self.raw_model.metrics() if hasattr(self.raw_model, "metrics") else {}
         speed = f"{rate / 1e3:.1f}k" if rate >= 1000 else f"{rate:.0f}"
-        text = (f"step {step}/{self.total_steps or '?'} | loss {self.loss:.4f} | lr {self.lr:.2e} | "
+        # A total from the time budget is re-estimated as the run goes: it says so.
+        total = self.total_steps if args.max_steps is not None else f"~{self.total_steps}" if self.total_steps else "?"
+        text = (f"step {step}/{total} | loss {self.loss:.4f} | lr {self.lr:.2e} | "
                 f"{speed} {self.unit}/s | MFU {f'{100 * mfu:.1f}%' if mfu is not None else '-'} | ETA {format_seconds(eta)}")
         # Summary metrics go on the line; indexed ones (per layer, per expert: names with digits)
         # only to metrics.jsonl and W&B.
@@ -370,6 +389,7 @@ class Run:
         self.device = runs.pick_device(args.device)
         # One process on the CPU follows the machine with its thread count (threads.py); others keep theirs.
         self.threads = threads.start(args.threads, adaptive=self.device.type == "cpu" and not self.ddp)
+        self.shown_threads = self.threads.threads
         if self.ddp:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -469,7 +469,8 @@ def train_tokenizer(text, vocab_size, pattern=None, special_tokens=(), content_k
         raise UserError(str(e)) from None
     learned = tokenizer.n_vocab - len(special_tokens)
     if learned < vocab_size:  # merging stops when no pair occurs twice
-        print(f"the text held too few repeated pairs for {vocab_size} tokens: the tokenizer has {learned}", file=sys.stderr)
+        print(f"the tokenizer has {learned} tokens: that is all the pairs that repeat in this text ({vocab_size} were "
+              "asked for, which a larger text would give)", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}."))
     tokenizer.save(tmp)

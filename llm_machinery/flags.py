@@ -114,7 +114,7 @@ def parse_args(argv):
     if known.init is not None:
         recipe["lr"] = INIT_LR if known.lora is None else LORA_LR
 
-    p = runs.ArgumentParser(
+    p = runs.ArgumentParser(prog="train.py",
         description="Train a model file of this project. Defaults come from the model's TRAIN_RECIPE "
         "(shown for --model %s); rerunning a command resumes from its --out folder." % name,
         formatter_class=runs.HelpFormatter,

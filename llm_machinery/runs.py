@@ -438,16 +438,16 @@ def load_checkpoint(out, model, config, name, fingerprint, run):
     if state.get("model") != name or state["config"] != mine:
         diff = [f"{k} {state['config'].get(k)} vs {mine[k]}" for k in mine if state["config"].get(k) != mine[k]]
         what = f"model {state.get('model')}" if state.get("model") != name else "a config with " + ", ".join(diff)
-        raise UserError(f"{out} holds a checkpoint of {what}; use another --out, the same settings, or --fresh")
+        raise UserError(f"{out} holds a checkpoint of {what}; to keep it, use another --out or its settings (--fresh would erase it)")
     if state.get("data") and state["data"].get("fingerprint") != fingerprint:
-        raise UserError(f"{out} holds a checkpoint trained on other data or another tokenizer; use another --out or --fresh")
+        raise UserError(f"{out} holds a checkpoint trained on other data or another tokenizer; to keep it, use another --out (--fresh would erase it)")
     # The data order and the meaning of a step depend on these; a run resumed with others would
     # quietly become another run (torchrun on a single-process folder, say).
     saved_run = state.get("run", run)
     if saved_run != run:
         diff = ", ".join(f"{k.replace('_', ' ')} {saved_run.get(k)} (now {run.get(k)})" for k in {**saved_run, **run}
                          if saved_run.get(k) != run.get(k))
-        raise UserError(f"{out} holds a run with {diff}; use another --out, the same settings, or --fresh")
+        raise UserError(f"{out} holds a run with {diff}; to keep it, use another --out or its settings (--fresh would erase it)")
     # A LoRA run resumes from its adapters, on the frozen weights it was built with, not from the merge.
     adapted = bool(lora.adapters(model))
     path = out / ("adapter_model.safetensors" if adapted else "model.safetensors")
@@ -526,4 +526,21 @@ class ArgumentParser(argparse.ArgumentParser):
     type that refuses a value says "must be ...", which reads "--lr must be ..."."""
 
     def error(self, message):
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            raise UserError(self.unknown_flags(unknown.group(1).split()))
         raise UserError(re.sub(r"^argument ([^:]+): must ", r"\1 must ", message))
+
+    def unknown_flags(self, words):
+        """"unknown flag --time_budget (did you mean --time-budget?)", with the nearest flag by spelling; the
+        words after an unknown flag are its values, and are named only when no flag is unknown."""
+        import difflib
+
+        known = [f for f in self._option_string_actions if f.startswith("--")]
+        said = []
+        for word in (w.split("=")[0] for w in words if w.startswith("-")):
+            near = difflib.get_close_matches(word.replace("_", "-").lower(), known, n=1, cutoff=0.6)
+            said.append(f"{word} (did you mean {near[0]}?)" if near else word)
+        what = f"unknown flag{'s' if len(said) > 1 else ''} {', '.join(said)}" if said else \
+            f"unexpected argument{'s' if len(words) > 1 else ''} {' '.join(words)}"
+        return f"{what}; python {self.prog} --help lists every flag"

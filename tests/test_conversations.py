@@ -484,3 +484,10 @@ def test_the_built_in_example_fine_tunes_a_model_trained_here(corpus_env, tmp_pa
         so_far += "\x04\n"  # the stand-in's answer is empty
     assert len(calls) == 3 and "gave way" not in capsys.readouterr().err
     assert len(ids) + 200 > 128  # where the old rule, which kept room for the whole default budget, dropped turns
+    # The same conversations without --init, into the fine-tuned run's folder: the sentence says what --init
+    # is for, and suggests no flag that would erase that run.
+    assert train.main(["--data", str(source), "--out", str(out), *tiny, "--max-steps", "2"]) == 2
+    [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert error.startswith("error: conversations fine-tune a model given with --init, as in python train.py --init "
+                            f"out/gpt_llama --data {source}; without it, this run is a new model that does not fit the run in {out}")
+    assert "--fresh" not in error and (out / "model.safetensors").exists()

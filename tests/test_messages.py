@@ -1,15 +1,17 @@
 """Messages that tell a newcomer what happened, each read here as the user sees it."""
 
 import json
+import re
 import signal
 import types
 
+import pytest
 import torch
 
 from llm_machinery import corpus, data, runs
 import train
 
-from conftest import stop_at_step  # noqa: E402
+from conftest import start_train, stop_at_step  # noqa: E402
 
 TINY = ["--vocab-size", "300", "--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=2", "--set", "n_kv_heads=1",
         "--set", "ffn_dim=64", "--set", "max_seq_len=32", "--batch-size", "4", "--eval-tokens", "256", "--no-plot"]
@@ -27,7 +29,7 @@ def test_a_vocabulary_smaller_than_asked_is_explained(tmp_path, monkeypatch, cap
     monkeypatch.setenv("LLMS_FROM_SCRATCH_CACHE", str(tmp_path))
     tokenizer, _ = corpus.train_tokenizer("ab ab ab cd cd", 512)
     assert tokenizer.n_vocab < 512
-    assert f"too few repeated pairs for 512 tokens: the tokenizer has {tokenizer.n_vocab}" in capsys.readouterr().err
+    assert f"the tokenizer has {tokenizer.n_vocab} tokens: that is all the pairs that repeat in this text (512 were asked for" in capsys.readouterr().err
 
 
 def test_the_separator_is_named_and_ends_the_final_sample(tmp_path, monkeypatch, capsys):
@@ -110,3 +112,30 @@ def test_a_device_torch_does_not_see_is_refused_in_one_sentence(tmp_path, monkey
         assert not out.exists()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert runs.pick_device("cuda") == torch.device("cuda") and runs.pick_device("auto") == torch.device("cuda")
+
+
+@pytest.mark.slow
+def test_a_step_total_estimated_from_the_time_budget_is_marked_so(corpus_env, tmp_path):
+    """step 10/~119 while the time budget sets the length; step 10/20 when --max-steps fixes it."""
+    common = ["--data", str(corpus_env / "corpus.txt"), *TINY, "--threads", "1", "--log-every", "5", "--sample-tokens", "0"]
+    budget = start_train([*common, "--out", str(tmp_path / "budget"), "--time-budget", "12", "--eval-every", "0"])
+    out, err = budget.communicate(timeout=180)
+    assert budget.returncode == 0, err
+    steps = [line.split()[1] for line in out.splitlines() if line.startswith("step ") and "| loss" in line]
+    assert steps and all(re.fullmatch(r"\d+/(~\d+|\?)", s) for s in steps) and any("/~" in s for s in steps), steps
+    fixed = start_train([*common, "--out", str(tmp_path / "fixed"), "--max-steps", "10"])
+    out, err = fixed.communicate(timeout=180)
+    assert fixed.returncode == 0, err
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ") and "| loss" in line] == ["5/10", "10/10"]
+
+
+def test_a_misspelt_flag_gets_the_nearest_one(capsys):
+    import sample
+
+    assert train.main(["--time_budget", "60"]) == 2
+    assert capsys.readouterr().err == ("error: unknown flag --time_budget (did you mean --time-budget?); "
+                                       "python train.py --help lists every flag\n")
+    assert sample.main(["out/x", "--promt", "Hi", "--max_new_tokens", "3"]) == 2
+    assert capsys.readouterr().err == ("error: unknown flags --promt (did you mean --prompt?), --max_new_tokens (did you "
+                                       "mean --max-new-tokens?); python sample.py --help lists every flag\n")
+    assert train.main(["--zzzz"]) == 2 and "unknown flag --zzzz; python train.py --help" in capsys.readouterr().err

@@ -166,13 +166,21 @@ def test_start(restore_threads, monkeypatch):
 
 def test_train_times_each_step_and_logs_a_change(corpus_env, restore_threads, monkeypatch, capsys):
     """train.py gives the tuner the duration of each training step, without the evaluations between
-    them (each one moves train.py's clock on by 1000 s here), and prints the tuner's line."""
+    them (each one moves train.py's clock on by 1000 s here), and prints the tuner's line when the count changes, not its tries."""
     fed, later = [], [0.0]
 
     class Recorder(threads.Tuner):
         def step(self, seconds):
             fed.append(seconds)
+            if len(fed) == 2:  # a try of one thread, which goes back to two: nothing to say
+                self.apply(1)
+                self.trying = (2, seconds, seconds, False)
+                return "TRY-LINE"
             if len(fed) == 3:
+                self.apply(2)
+                self.trying = None
+                return "BACK-LINE"
+            if len(fed) == 4:
                 self.apply(1)
                 return "a line from the tuner"
 
@@ -201,4 +209,5 @@ def test_train_times_each_step_and_logs_a_change(corpus_env, restore_threads, mo
             "--max-steps", "6", "--eval-every", "2"]
     assert train.main(argv) == 0
     assert later[0] >= 2000 and len(fed) == 6 and all(0 < s < 60 for s in fed), fed
-    assert "a line from the tuner" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "threads: a line from the tuner" in out and "TRY-LINE" not in out and "BACK-LINE" not in out

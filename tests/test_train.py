@@ -376,3 +376,38 @@ def test_gradient_accumulation_equals_a_bigger_batch(env):
     losses = [[r["loss"] for r in map(json.loads, (env / o / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
               for o in ("b8", "b4x2")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the mean over the step, not the sum
+
+
+def test_a_run_ends_with_the_weights_of_its_lowest_validation_loss(env, tmp_path, monkeypatch, capsys):
+    """Validation losses scripted by step, lowest at step 4 of 8: the run saves the weights it had at
+    step 4, says so, and a run interrupted at step 6 and resumed ends with the same weights."""
+    from llm_machinery import data
+
+    scripted, kept, now = {2: 3.0, 4: 1.0, 6: 2.0, 8: 2.5}, {}, {}
+    run_evaluate, pipe_evaluate = train.Run.evaluate, data.CausalLM.evaluate
+
+    def at_step(self, announce=True):
+        now["step"] = self.step
+        return run_evaluate(self, announce)
+
+    def scripted_loss(self, model, *rest, **kwargs):
+        result = pipe_evaluate(self, model, *rest, **kwargs)
+        if now["step"] == 4:
+            kept.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        if now["step"] == now.get("stop_at"):
+            os.kill(os.getpid(), signal.SIGINT)  # train.py saves and stops after this evaluation
+        return {**result, "val_loss": scripted[now["step"]]}
+
+    monkeypatch.setattr(train.Run, "evaluate", at_step)
+    monkeypatch.setattr(data.CausalLM, "evaluate", scripted_loss)
+    flags = ["--max-steps", "8", "--eval-every", "2", "--sample-tokens", "0"]
+    assert train.main(args(env, tmp_path / "whole", *flags)) == 0
+    log = capsys.readouterr().out
+    assert "the validation loss was lowest at step 4 (1.0000), so the run ends with the weights of step 4, not those of step 8" in log
+    assert all(torch.equal(kept[k], v) for k, v in weights(tmp_path / "whole").items())
+    now["stop_at"] = 6
+    assert train.main(args(env, tmp_path / "resumed", *flags)) == 128 + signal.SIGINT
+    now["stop_at"] = None
+    assert train.main(args(env, tmp_path / "resumed", *flags)) == 0
+    resumed = weights(tmp_path / "resumed")
+    assert all(torch.equal(resumed[k], v) for k, v in weights(tmp_path / "whole").items())
