@@ -103,6 +103,15 @@ class Config:
 
 TASK = "causal_lm"
 HF_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
+# What Model.metrics() returns, in words and units, for the training log's plot (plot.py).
+METRICS = {
+    "cv": ("coefficient of variation of expert load", "std / mean (0: even)"),
+    "maxvio": ("busiest expert's load over the mean, minus 1", "worst layer (0: even)"),
+    "dead": ("experts that got no token", "experts, all layers"),
+    "dropped": ("share of assignments over capacity, dropped", "share"),
+    "aux_loss": ("load-balancing loss (Switch)", "1: even load"),
+    "z_loss": ("router z-loss", "mean squared log-sum-exp"),
+}
 # Defaults of `python train.py --model moe`: about five minutes on two CPU cores.
 TRAIN_RECIPE = dict(
     # gpt_llama.py's shape with 8 experts, 2 active, each half as wide as its dense SwiGLU, so that a

@@ -102,6 +102,8 @@ class Config:
 
 TASK = "prefix_lm"  # {"pixel_values": (B, 3, S, S), "input_ids": (B, T), "prefix_len": (B,)}
 HF_ARCHITECTURES = ("PaliGemmaForConditionalGeneration",)  # what from_pretrained accepts in a config.json
+# How the training log's plot names what this model's runs log.
+METRICS = {"accuracy": ("exact match of greedy answers to validation questions", "share right")}
 # `python train.py --model paligemma` on a CPU for 5 minutes: shapes of 32 pixels in patches of 4 (64
 # image tokens) and up to 32 text tokens, narrow towers. A third vision layer, over 2,500 steps, took the
 # shape of held-out colour-shape combinations from 0.0 to 0.5 and 0.33 right (two seeds); a fourth, or

@@ -90,6 +90,15 @@ class Config:
 # several processes train.
 TASK = "image_text"
 HF_ARCHITECTURES = ("SiglipModel",)  # what from_pretrained accepts in a config.json
+# What Model.metrics() returns and what evaluations log, in words and units, for the training log's plot (plot.py).
+METRICS = {
+    "loss": ("loss: the pairwise sigmoid loss", "nats per image"),
+    "t": ("temperature t = exp(t')", "logit scale"),
+    "b": ("bias b", "logit"),
+    "gap": ("logit of matching pairs minus the others'", "logit"),
+    "acc": ("training batch: images whose best caption is their own", "share right"),
+    "accuracy": ("zero-shot accuracy on validation images", "share right"),
+}
 # Defaults of `python train.py --model siglip`: five minutes on two CPU cores. At this budget a
 # narrower model (64 wide, 0.2M parameters) that takes over twice the steps beat a 96-wide, 3-layer one
 # (zero-shot 0.83 against 0.39 on shapes after 150 s on shared cores), and the same recipe reaches

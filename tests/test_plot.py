@@ -10,18 +10,35 @@ import train
 
 
 def test_every_metric_gets_a_panel_and_per_question_accuracies_share_one():
+    """Lines are labelled training or validation; a metric that never changes gets no panel but its value."""
     records = [
         {"step": 10, "loss": 5.0, "lr": 1e-3, "tokens_per_s": 900.0, "mfu": None, "time": 3.0, "cv": 0.4,
-         "load_l0_e1": 0.2},
+         "load_l0_e1": 0.2, "dropped": 0.0},
         {"step": 10, "val_loss": 5.2, "val_bpb": 2.1, "val_accuracy": 0.5, "val_accuracy_color": 0.75},
-        {"step": 20, "loss": 4.0, "lr": 1e-3, "cv": 0.3},
+        {"step": 20, "loss": 4.0, "lr": 1e-3, "cv": 0.3, "dropped": 0.0},
     ]
-    assert plot.panels(records) == {
-        "loss": {"train": [(10, 5.0), (20, 4.0)], "validation": [(10, 5.2)]},
-        "cv": {"cv": [(10, 0.4), (20, 0.3)]},
-        "bpb": {"bpb": [(10, 2.1)]},
-        "accuracy": {"all": [(10, 0.5)], "color": [(10, 0.75)]},
-    }
+    assert plot.panels(records) == ({
+        "loss": {"training": [(10, 5.0), (20, 4.0)], "validation": [(10, 5.2)]},
+        "cv": {"training": [(10, 0.4), (20, 0.3)]},
+        "bpb": {"validation": [(10, 2.1)]},
+        "accuracy": {"validation": [(10, 0.5)], "validation: color": [(10, 0.75)]},
+    }, {"dropped": 0.0})
+
+
+def test_every_panel_is_named_in_words_with_its_unit():
+    """The titles of the metrics every model file and pipeline logs come in words, with a unit: the model
+    file's METRICS first (siglip's validation accuracy is zero-shot), then the evaluations'."""
+    import moe
+    import siglip
+
+    for name in ("cv", "maxvio", "dead", "dropped", "aux_loss", "z_loss"):
+        title, unit = plot.described(name, moe.METRICS)
+        assert " " in title and unit, name
+    assert plot.described("cv", moe.METRICS)[0] == "coefficient of variation of expert load"
+    assert plot.described("accuracy", siglip.METRICS)[0].startswith("zero-shot")
+    assert plot.described("acc", siglip.METRICS)[0] != plot.described("accuracy", siglip.METRICS)[0]
+    for name in ("loss", "ppl", "bpb", "accuracy"):
+        assert plot.described(name, {})[1], name
 
 
 def test_a_finished_run_rerun_draws_its_missing_plot(corpus_env, capsys):
