@@ -244,7 +244,7 @@ def main(argv=None):
         chat_format = chat.chat_format(Path(args.hf or args.folder), tokenizer) if args.chat else None
         if chat_format is not None:
             eos_ids |= chat_format.end_ids
-            if args.folder and not runs.taught_to_answer(args.folder):
+            if args.folder and not chat.taught_to_answer(args.folder):
                 print(f"note: {args.folder} learnt from text alone and was never taught to answer, so it will go on "
                       f"with your words rather than reply; teach it with: python train.py --init {args.folder} "
                       "--data examples/pydoc_chats.jsonl (or a file of your own conversations)", file=sys.stderr)

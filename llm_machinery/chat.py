@@ -25,9 +25,10 @@ the prompt before an answer is exactly the ids prompt() gives for it.
 
 import re
 from datetime import datetime
+from pathlib import Path
 
 from llm_machinery.corpus import UserError
-from llm_machinery.runs import eos_ids, read_json
+from llm_machinery.runs import eos_ids, read_folder_config, read_json
 
 # The special tokens a chat template may name, passed to it by name as transformers passes them.
 TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -255,3 +256,10 @@ def jinja_renderer(template, folder):
 
     return render
 
+
+def taught_to_answer(folder):
+    """Whether the model of a run folder learnt to answer in a chat format: fine-tuned here on data with
+    one (conversations, preference pairs), or started from a folder that ships its chat template. A
+    folder written before train.py recorded its data counts as taught, since nothing says otherwise."""
+    data = read_folder_config(folder).get("data")
+    return not isinstance(data, dict) or "chat_format" in data or chat_template(Path(folder)) is not None

@@ -181,16 +181,6 @@ def load_run(folder):
     return model, tokenizer, eos_ids(folder, saved) | ends
 
 
-def taught_to_answer(folder):
-    """Whether the model of a run folder learnt to answer in a chat format: fine-tuned here on data with
-    one (conversations, preference pairs), or started from a folder that ships its chat template. A
-    folder written before train.py recorded its data counts as taught, since nothing says otherwise."""
-    from llm_machinery import chat
-
-    data = read_folder_config(folder).get("data")
-    return not isinstance(data, dict) or "chat_format" in data or chat.chat_template(Path(folder)) is not None
-
-
 def load_hf(folder, dtype="float32"):
     """(model, tokenizer, eos_ids) from a Hugging Face checkpoint folder, the weights in dtype."""
     folder = existing(folder)
