@@ -219,7 +219,7 @@ class Run:
         # The tuner's tries are its own business; the log hears of the count only when it changes.
         if (change := self.threads.step(time.perf_counter() - started)) and self.threads.trying is None:
             if torch.get_num_threads() != self.shown_threads:
-                self.shown_threads = self.threads.threads
+                self.shown_threads = torch.get_num_threads()
                 self.progress.print(f"threads: {change}")
         return bool(stop_requested)
 
