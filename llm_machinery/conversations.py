@@ -102,7 +102,7 @@ def messages_of(record, where):
 
 
 # Fewer held-out conversations than this make a validation loss that says little; the log says so.
-FEW_HELD_OUT = 20
+FEW_HELD_OUT = 10
 
 
 def tokenize(found, chat_format, key):
