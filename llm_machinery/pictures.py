@@ -100,12 +100,13 @@ def logit_lens(arrays, folder, paths, title):
     plt = require_matplotlib()
     probs, words, tokens = arrays["lens_probs"], arrays["lens_tokens"], arrays["tokens"]
     L, T = probs.shape
-    fig, ax = plt.subplots(figsize=(1.6 + 0.42 * T, 2.0 + 0.5 * L))
+    fig, ax = plt.subplots(figsize=(2.2 + 0.62 * T, 2.2 + 0.42 * L))
     image = ax.imshow(probs, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for layer in range(L):
         for t in range(T):
-            ax.text(t, layer, words[layer, t][:8], ha="center", va="center", rotation=90 if len(words[layer, t]) > 2
-                    else 0, fontsize=6, color="white" if probs[layer, t] < 0.6 else "black")
+            word = words[layer, t]
+            ax.text(t, layer, word if len(word) <= 7 else word[:6] + "\u2026", ha="center", va="center",
+                    fontsize=6.5, color="white" if probs[layer, t] < 0.6 else "black")
     ax.set_xticks(range(T))
     ax.set_xticklabels(tokens, rotation=90, fontsize=7)
     ax.set_yticks(range(L))
