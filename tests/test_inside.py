@@ -103,9 +103,11 @@ def test_mixtral_attention_routing_and_shares(tmp_path):
         name = f"experts.layers.{i}.feed_forward.router"
         # Mixtral's router: the top 2 of the softmax, renormalised to sum to 1.
         top = router_logits.softmax(-1).topk(2, dim=-1)
-        assert np.array_equal(np.sort(arrays[f"{name}.indices"], 1), np.sort(top.indices.numpy(), 1))
-        torch.testing.assert_close(torch.from_numpy(arrays[f"{name}.weights"]).sort(1).values,
-                                   (top.values / top.values.sum(-1, keepdim=True)).sort(1).values)
+        expected = torch.zeros(len(ids), 4).scatter(1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+        ours = torch.from_numpy(arrays[f"{name}.indices"])
+        assert torch.equal(ours.sort(1).values, top.indices.sort(1).values)
+        ours = torch.zeros(len(ids), 4).scatter(1, ours, torch.from_numpy(arrays[f"{name}.weights"]))
+        torch.testing.assert_close(ours, expected)  # each expert with its own weight
         share = [metrics[f"load_l{i}_e{e}"] for e in range(4)]
         np.testing.assert_allclose(arrays[f"{name}.share"], share, rtol=1e-6)
         assert len(set(share)) > 1  # an uneven split, which a wrong share could not hide under
