@@ -128,8 +128,8 @@ def experts(arrays, folder, paths, title):
         return
     tokens = arrays["tokens"]
     E, T = len(arrays[f"{routers[0]}.share"]), len(tokens)
-    fig, axes = plt.subplots(len(routers), 1, figsize=(2.2 + 0.22 * T, 1.2 + len(routers) * (0.9 + 0.2 * E)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(routers), 1, figsize=(3.5 + 0.24 * T, 1.2 + len(routers) * (1.4 + 0.2 * E)),
+                             squeeze=False, layout="constrained")
     for ax, name in zip(axes[:, 0], routers):
         weights = np.full((E, T), np.nan)
         for t in range(T):
@@ -140,7 +140,7 @@ def experts(arrays, folder, paths, title):
         ax.set_yticklabels([f"expert {e}: {100 * s:.0f}%" for e, s in enumerate(share)], fontsize=7)
         ax.set_xticks(range(T))
         ax.set_xticklabels(tokens, rotation=90, fontsize=7)
-        ax.set_title(name.removeprefix("experts.").removesuffix(".router"), fontsize=8)
+        ax.set_title(f"router {name.removeprefix('experts.')}", fontsize=8)
     fig.suptitle(f"{title}: which experts each token goes to, with their mixing weights (blank: not chosen);\n"
                  "beside each expert, its share of the token-expert assignments", fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.6, label="router weight")
