@@ -150,7 +150,7 @@ def experts(arrays, folder, paths, title):
 def draw_text(arrays, folder, title):
     """The pictures of a causal language model; returns their paths."""
     paths = []
-    tokens = list(arrays["tokens"])
+    tokens = [str(t) for t in arrays["tokens"]]
     attention_layers(arrays, tokens, folder, paths, title)
     next_tokens(arrays, folder, paths, title)
     if "lens_probs" in arrays:
@@ -164,7 +164,7 @@ def over_image(ax, image, weights, vmax):
     n = math.isqrt(len(weights))
     ax.imshow(image, interpolation="nearest")
     S = image.shape[0]
-    shown = ax.imshow(weights.reshape(n, n), cmap="inferno", alpha=0.6, vmin=0, vmax=vmax, extent=(0, S, S, 0),
+    shown = ax.imshow(weights.reshape(n, n), cmap="inferno", alpha=0.5, vmin=0, vmax=vmax, extent=(0, S, S, 0),
                       interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -175,7 +175,7 @@ def draw_images(arrays, names, folder, title):
     """The pictures of an image-text model: the image x caption probabilities, and the pooling head's
     weights over each image's patches, per head and averaged."""
     plt = require_matplotlib()
-    paths, probs, captions = [], arrays["probs"], list(arrays["captions"])
+    paths, probs, captions = [], arrays["probs"], [str(c) for c in arrays["captions"]]
     I, C = probs.shape
     fig, ax = plt.subplots(figsize=(2.5 + 1.1 * C, 1.8 + 0.45 * I))
     image = ax.imshow(probs, cmap="Greens", vmin=0, vmax=1, aspect="auto")
@@ -218,13 +218,14 @@ def draw_answer(arrays, name, folder, title):
     """The pictures of a vision-language model's answer: for each answer token, the attention of the
     position that wrote it over the image (per layer and averaged, mean of the heads) and over the text."""
     plt = require_matplotlib()
-    paths, tokens, P = [], list(arrays["tokens"]), int(arrays["prefix_len"])
+    paths, tokens, P = [], [str(t) for t in arrays["tokens"]], int(arrays["prefix_len"])
     if "image_attention" not in arrays:
         return paths
     image_w = arrays["image_attention"].mean(axis=2)  # (layers, answer, N), mean over heads
     L, A, _ = image_w.shape
     answer = tokens[P:]
-    fig, axes = plt.subplots(A, L + 1, figsize=(1.8 * (L + 1) + 1.5, 1.9 * A + 1.0), squeeze=False)
+    fig, axes = plt.subplots(A, L + 1, figsize=(max(1.8 * (L + 1) + 1.8, 6.5), 1.9 * A + 1.0), squeeze=False,
+                             layout="constrained")
     vmax = float(image_w.max())
     for a in range(A):
         for layer in range(L + 1):
@@ -235,7 +236,7 @@ def draw_answer(arrays, name, folder, title):
     for layer in range(L):
         axes[0, layer].set_title(f"layer {layer}", fontsize=8)
     axes[0, L].set_title("mean of the layers", fontsize=8)
-    fig.suptitle(f"{title} on {name}: where the model looked in the image while writing each token of its answer "
+    fig.suptitle(f"{title} on {name}: where the model looked in the image\nwhile writing each token of its answer "
                  "(mean of the heads)", fontsize=9)
     fig.colorbar(shown, ax=axes, shrink=0.6, label="attention weight on the patch")
     save(fig, folder, "answer_image.png", paths)
@@ -251,8 +252,8 @@ def draw_answer(arrays, name, folder, title):
         ax.set_yticklabels([f"writing {t}" for t in answer] if layer == 0 else [], fontsize=7)
         ax.axvline(P - 0.5, color="grey", lw=0.8)
         ax.set_title(f"layer {layer}", fontsize=8)
-    fig.suptitle(f"{title}: attention of each answer-writing position over the text (prefix | answer), "
-                 "mean of the heads", fontsize=9)
+    fig.suptitle(f"{title}: attention of the position that wrote each answer token over the text (prefix | "
+                 "answer), mean of the heads", fontsize=9)
     fig.colorbar(shown, ax=axes, shrink=0.8, label="attention weight")
     save(fig, folder, "answer_text.png", paths)
     return paths
