@@ -64,8 +64,7 @@ def attention_layers(arrays, tokens, folder, paths, title):
         fig = plt.figure(figsize=(width + left + right, height + bottom + top))
         W, Hf = fig.get_size_inches()
         ax = fig.add_axes((left / W, bottom / Hf, width / W, height / Hf))
-        cmap = plt.get_cmap("Blues").copy()
-        cmap.set_bad("white")
+        cmap = plt.get_cmap("Blues").with_extremes(bad="white")
         # A square-root scale, so that a diffuse head's small weights show beside a sharp head's large ones.
         image = ax.imshow(mosaic, cmap=cmap, norm=PowerNorm(0.5, 0, 1), interpolation="nearest", aspect="auto")
         ax.set_xticks([c * (S + gap) + j for c in range(cols) for j in range(S)])

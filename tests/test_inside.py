@@ -264,3 +264,48 @@ def test_show_without_matplotlib_names_the_extra(llama_folder, tmp_path, capsys,
     assert sample.main(["--hf", str(folder), "--prompt", "The cat", "--show", "--show-dir", str(tmp_path / "o")]) == 2
     assert 'pip install -e ".[plots]"' in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def image_runs(tmp_path_factory):
+    """siglip.py and paligemma.py folders trained for a few steps on the built-in shapes, and a picture."""
+    import train
+    from llm_machinery import images
+
+    root = tmp_path_factory.mktemp("image_runs")
+    tiny = ["--set", "image_size=16", "--set", "patch_size=8", "--set", "vision_dim=16", "--set", "vision_layers=1",
+            "--set", "vision_heads=2", "--set", "vision_mlp_dim=32", "--batch-size", "8", "--max-steps", "3",
+            "--eval-every", "0", "--sample-tokens", "0", "--no-plot", "--threads", "1"]
+    towers = {"siglip": ["--set", "text_dim=16", "--set", "text_layers=1", "--set", "text_heads=2",
+                         "--set", "text_mlp_dim=32"],
+              "paligemma": ["--set", "dim=16", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "head_dim=8",
+                            "--set", "ffn_dim=32", "--set", "max_seq_len=40"]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMS_FROM_SCRATCH_CACHE", str(root / "cache"))
+        for name, flags in towers.items():
+            assert train.main(["--model", name, "--out", str(root / name)] + tiny + flags) == 0
+    picture = images.Shapes().draw(np.random.default_rng(3), "green", "square", 24)[0]
+    picture.save(root / "shape.png")
+    return root, root / "shape.png"
+
+
+@pytest.mark.slow
+def test_show_for_image_models_writes_their_pictures(image_runs, tmp_path, capsys):
+    root, picture = image_runs
+    assert sample.main([str(root / "siglip"), "--image", str(picture), str(picture), "--labels", "a green square,a red circle",
+                        "--show", "--show-dir", str(tmp_path / "s")]) == 0
+    assert_pngs([tmp_path / "s" / "captions.png", tmp_path / "s" / "pooling.png"])
+    numbers = np.load(tmp_path / "s" / "numbers.npz")
+    assert numbers["probs"].shape == (2, 2) and numbers["pooling.vision_head"].shape == (2, 2, 4)
+    capsys.readouterr()
+    assert sample.main([str(root / "paligemma"), "--image", str(picture), "--prompt", "answer en what color?",
+                        "--temperature", "0", "--max-new-tokens", "3", "--show", "--show-dir", str(tmp_path / "p")]) == 0
+    answer = capsys.readouterr().out.splitlines()[0]
+    numbers = np.load(tmp_path / "p" / "numbers.npz")
+    n_answer = len(numbers["tokens"]) - int(numbers["prefix_len"])
+    assert numbers["image_attention"].shape == (2, n_answer, 2, 4)  # layers, answer tokens, heads, patches
+    assert "".join(numbers["tokens"][-n_answer:]) == answer.replace(" ", "\u00b7")
+    assert_pngs([tmp_path / "p" / "answer_image.png", tmp_path / "p" / "answer_text.png"])
+    assert sample.main([str(root / "paligemma"), "--image", str(picture), str(picture), "--prompt", "what?", "--show",
+                        "--show-dir", str(tmp_path / "q")]) == 2
+    assert "--show draws where the answer looked in one image" in capsys.readouterr().err
