@@ -11,6 +11,13 @@ images with a vision-language model.
     python sample.py out/gpt_llama-pydoc_chats --chat    # a model train.py fine-tuned on conversations
     python sample.py out/siglip --image examples/pictures/red_circle.png examples/pictures/blue_square.png --labels "a red circle,a blue square"
     python sample.py out/paligemma --image examples/pictures/red_circle.png --prompt "answer en what color is the shape?"
+    python sample.py out/gpt_llama --prompt "The cat sat on the" --show   # pictures of inside the model
+
+--show draws, instead of sampling (inside.py records, pictures.py draws, into FOLDER/inside or --show-dir):
+for a text model, each layer's attention heads, the next-token probabilities, the logit lens and a
+mixture of experts' routing over the prompt; for an image-text model, the caption probabilities and its
+pooling head's attention over each image; for a vision-language model, after its answer, where each
+answer token looked in the image and in the text. numbers.npz beside the PNGs holds what they draw.
 
 For --hf, the model file is the one whose HF_ARCHITECTURES lists the architecture in the folder's
 config.json; the tokenizer is the folder's tokenizer.json, else Llama 3's tokenizer.model; an answer
@@ -33,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from llm_machinery import chat, images, runs
+from llm_machinery import chat, images, inside, pictures, runs
 from llm_machinery.corpus import UserError
 
 
@@ -181,6 +188,44 @@ def rank_labels(model, tokenizer, args, device):
         sys.stdout.flush()
 
 
+def show_folder(args):
+    """The folder --show will write into, checked before any work so that bad input writes nothing."""
+    folder = Path(args.show_dir or Path(args.hf or args.folder) / "inside")
+    nearest = folder
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        why = "is a file" if nearest.exists() and not nearest.is_dir() else "is not writable"
+        raise UserError(f"cannot write the pictures into {folder}: {nearest} {why}; pass another --show-dir")
+    return folder
+
+
+def show(arrays, draw, folder):
+    """Save arrays beside the pictures that draw(folder) writes, and print each path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = draw(folder)
+    inside.save_numbers(folder / "numbers.npz", arrays)
+    for path in paths + [folder / "numbers.npz"]:
+        print(path)
+
+
+def show_captions(model, tokenizer, args, device, folder, title):
+    """--show for an image-text model: the images against the --labels, and where its pooling head looks."""
+    shown = read_images(model, args.image)
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    label_ids = images.caption_ids(tokenizer, labels, model.config.max_seq_len).to(device)
+    pixels = torch.stack([p for _, p in shown]).to(device)
+    arrays = inside.look_at_images(model, tokenizer, pixels, label_ids, labels)
+    names = [Path(path).name for path, _ in shown]
+    show(arrays, lambda f: pictures.draw_images(arrays, names, f, title), folder)
+
+
+def show_answer(model, tokenizer, pixels, prompt, new, path, folder, title):
+    """--show for a vision-language model: where its answer new (ids) to prompt looked in the image."""
+    arrays = inside.look_at_answer(model, tokenizer, pixels[None], images.prefix_ids(tokenizer, prompt), new)
+    show(arrays, lambda f: pictures.draw_answer(arrays, Path(path).name, f, title), folder)
+
+
 def parse_args(argv):
     class Help(runs.HelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
@@ -201,6 +246,10 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 for all")
     p.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of tokens of this total probability")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
+    p.add_argument("--show", action="store_true", help="draw what the model does inside instead of sampling from "
+                   "it: attention, next tokens, logit lens, experts (text, --prompt); captions and pooling (--labels); "
+                   "where the answer looked in the image (--image --prompt); PNGs and numbers.npz")
+    p.add_argument("--show-dir", metavar="DIR", default=None, help="where --show writes (default: FOLDER/inside)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="with --hf: the weights' dtype; bfloat16 keeps a bf16 checkpoint as it is, in half the memory")
@@ -219,6 +268,10 @@ def parse_args(argv):
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise UserError(f"--seed must be 0 or more, got {args.seed}")
+    if args.show and args.chat:
+        raise UserError("--show draws one prompt, not a conversation; drop --chat")
+    if args.show_dir and not args.show:
+        raise UserError("--show-dir is where --show writes; add --show")
     args.top_k = args.top_k or None
     return args
 
@@ -231,8 +284,15 @@ def main(argv=None):
             raise UserError("--dtype applies to --hf folders; a folder train.py wrote holds float32 weights")
         model, tokenizer, eos_ids = runs.load_hf(args.hf, args.dtype) if args.hf else runs.load_run(args.folder)
         model.to(device).eval()
+        title = Path(args.hf or args.folder).name
+        folder = None
+        if args.show:
+            pictures.require_matplotlib()
+            folder = show_folder(args)
         if args.image and (args.labels is not None or not hasattr(model, "generate_stream")):
             rank_labels(model, tokenizer, args, device)
+            if folder:
+                show_captions(model, tokenizer, args, device, folder, title)
             return 0
         if not hasattr(model, "generate_stream"):
             raise UserError("this model does not generate text; give it images with --image and captions with --labels")
@@ -241,6 +301,17 @@ def main(argv=None):
         if args.image and not reads_images(model):
             raise UserError("this model does not read images; --image needs an image model such as siglip or paligemma")
         images = read_images(model, args.image) if args.image else None
+        if folder and args.prompt is None:
+            raise UserError("--show draws one prompt; give it with --prompt")
+        if folder and images is None:
+            ids = tokenizer.encode_ordinary(args.prompt)
+            if not ids:
+                raise UserError("the prompt is empty; give at least one character")
+            arrays = inside.look_at_text(model, tokenizer, ids)
+            show(arrays, lambda f: pictures.draw_text(arrays, f, title), folder)
+            return 0
+        if folder and len(images) > 1:
+            raise UserError("--show draws where the answer looked in one image; pass one --image")
         chat_format = chat.chat_format(Path(args.hf or args.folder), tokenizer) if args.chat else None
         if chat_format is not None:
             eos_ids |= chat_format.end_ids
@@ -268,6 +339,8 @@ def main(argv=None):
                     sys.stdout.write(f"{path}: " if len(images) > 1 else "")
                     new, s = answer(model, tokenizer, pixels, line, args, device)
                     tokens, seconds = tokens + len(new), seconds + s
+                    if folder:
+                        show_answer(model, tokenizer, pixels.to(device), line, new, path, folder, title)
             except ValueError as e:  # the model refuses the options (e.g. top_p outside (0, 1])
                 raise UserError(str(e)) from None
         if seconds:  # something was asked, even if nothing came back

@@ -197,16 +197,24 @@ class MAPHead(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim)
 
+    def pooling_weights(self, x):
+        """(B, H, N): how much each head of the probe attends to each of the patches x (B, N, dim).
+
+        A method of its own, which forward pools with, so that `sample.py --show` draws the very weights
+        the model computes: it calls this on the patches that reach the head."""
+        C = x.size(-1)
+        H, D = self.n_heads, C // self.n_heads
+        w_q, w_k, _ = self.in_proj.weight.split(C)
+        q = F.linear(self.probe[0, 0], w_q, self.in_proj.bias[:C]).view(H, 1, D) / math.sqrt(D)
+        w_score = (q @ w_k.view(H, D, C)).view(H, C)  # row h: W_k^T q of head h; the key bias cancels
+        return F.linear(x, w_score).transpose(1, 2).softmax(dim=-1)
+
     def forward(self, x):
         """(B, N, dim) patches -> (B, dim)."""
         B, N, C = x.shape
         H, D = self.n_heads, C // self.n_heads
-        w_q, w_k, w_v = self.in_proj.weight.split(C)
-        b_q, _, b_v = self.in_proj.bias.split(C)  # the key bias cancels
-        q = F.linear(self.probe[0, 0], w_q, b_q).view(H, 1, D) / math.sqrt(D)
-        w_score = (q @ w_k.view(H, D, C)).view(H, C)  # row h: W_k^T q of head h
-        a = F.linear(x, w_score).transpose(1, 2).softmax(dim=-1)  # (B, H, N) attention weights
-        pooled = a @ x  # (B, H, C): per head, the weighted mean of the patches
+        w_v, b_v = self.in_proj.weight[2 * C :], self.in_proj.bias[2 * C :]
+        pooled = self.pooling_weights(x) @ x  # (B, H, C): per head, the weighted mean of the patches
         y = self.out_proj(torch.einsum("bhc,hdc->bhd", pooled, w_v.view(H, D, C)).reshape(B, C) + b_v)
         return y + self.mlp(self.norm(y))
 

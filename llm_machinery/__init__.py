@@ -14,5 +14,7 @@ Read in this order, from the command line to the data and back to the files a ru
     lora.py           low-rank adapters on a model file's linear layers, saved merged and in peft's layout
     threads.py        how many CPU threads the steps run on, followed through the run
     plot.py           loss.png from a run's metrics.jsonl
+    inside.py         sample.py --show: attention, next tokens, logit lens and routing, recorded from a forward
+    pictures.py       sample.py --show: the pictures of what inside.py records
     hf_tokenizer.py   Hugging Face tokenizer.json files, read on top of bpe.py
 """
