@@ -3,8 +3,9 @@ loss.png of a training run, drawn from its metrics.jsonl: python train.py --plot
 
 One panel for the training and validation loss, then one for each other number the run logged:
 each evaluation metric (bits per byte, perplexity; accuracies, with the per-question ones of an
-image model beside its overall one) and each summary metric of the model (a mixture of experts' load
-balance). train.py draws it at the end of a run, and again when a finished run is rerun without one.
+image model beside its overall one), each summary metric of the model (a mixture of experts' load
+balance) and each measure a pipeline gives of its steps (DPO's rewards/margins, ...), its held-out value
+on the same panel. train.py draws it at the end of a run, and again when a finished run is rerun without one.
 It needs matplotlib: pip install -e ".[plots]".
 """
 
@@ -29,6 +30,8 @@ def panels(records):
                 title, label = "loss", "train"
             elif key == "val_loss":
                 title, label = "loss", "validation"
+            elif "/" in key:  # a pipeline's measure of each step (TRL's rewards/margins, ...), its held-out value beside it
+                title, label = key.removeprefix("val_"), "validation" if key.startswith("val_") else "train"
             elif key.startswith("val_"):
                 name = key.removeprefix("val_")
                 if name.startswith("accuracy"):  # val_accuracy_color and the like go beside val_accuracy
