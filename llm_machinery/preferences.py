@@ -116,6 +116,17 @@ def reference_logps(model, idx, targets):
         return sequence_logps(raw, idx, targets)
 
 
+def batch_loss(model, batch, beta):
+    """(the mean DPO loss of a batch's pairs, TRL's metrics of them), the reference's log-probabilities
+    taken from the batch ("ref") or computed with the model's adapters off."""
+    ref = batch.get("ref")
+    if ref is None:
+        ref = reference_logps(model, batch["idx"], batch["targets"])
+    with eval_mode(model):
+        logps = sequence_logps(model, batch["idx"], batch["targets"])
+    return dpo_loss(logps, ref, beta)
+
+
 # ------------------------------------------------------------------------------------------ the data
 
 
@@ -327,14 +338,8 @@ class Preferences:
         self.ref, self.fitted = ref, None
 
     def loss(self, model, batch):
-        """(the mean DPO loss of the batch's pairs, TRL's metrics of them): what train.py calls instead
-        of model(**batch)."""
-        ref = batch.get("ref")
-        if ref is None:
-            ref = reference_logps(model, batch["idx"], batch["targets"])
-        with eval_mode(model):
-            logps = sequence_logps(model, batch["idx"], batch["targets"])
-        return dpo_loss(logps, ref, self.beta)
+        """What train.py calls instead of model(**batch): batch_loss with this pipeline's beta."""
+        return batch_loss(model, batch, self.beta)
 
     def unit(self, config):
         train = self.fit(config.max_seq_len)[0]
@@ -440,17 +445,19 @@ class PairStream(conversations.ConversationStream):
 
 def pydoc_prefs():
     """Pairs made from the built-in conversations (conversations.pydoc_chats): each first question, with
-    its system prompt if any; chosen, the documentation's answer; rejected, the answer of the next
-    entry, on a neighbouring subject (the entries are in the documentation's order), in the same voice
-    and as plausible, but about something else."""
-    chats = [c["messages"] for c in conversations.pydoc_chats()]
+    its system prompt if any; chosen, the documentation's answer, its first sentences; rejected, the
+    follow-up answer of the next entry that has one, in the same voice and as plausible, but about a
+    neighbouring subject and from the middle of its text. A follow-up is never a chosen answer: had the
+    rejected answers been other entries' first ones, each held-out pair's chosen answer would be
+    rejected in a training pair, and the held-out pairs would measure how well that was learnt."""
+    chats = [[m for m in c["messages"] if m["role"] != "system"] for c in conversations.pydoc_chats()]
+    firsts = [c["messages"] for c in conversations.pydoc_chats()]
+    follow_ups = [i for i, c in enumerate(chats) if len(c) > 2]
     pairs = []
-    for i, messages in enumerate(chats):
+    for i, messages in enumerate(firsts):
         k = next(j for j, m in enumerate(messages) if m["role"] == "assistant")
-        other = chats[(i + 1) % len(chats)]
-        wrong = next(m for m in other if m["role"] == "assistant")
-        if wrong["content"] != messages[k]["content"]:
-            pairs.append({"prompt": messages[:k], "chosen": [messages[k]], "rejected": [wrong]})
+        j = next((j for j in follow_ups if j > i), follow_ups[0])
+        pairs.append({"prompt": messages[:k], "chosen": [messages[k]], "rejected": [chats[j][3]]})
     return pairs
 
 
