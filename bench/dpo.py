@@ -105,13 +105,15 @@ def build_ours(folder, dtype, lora_rank, args):
 
 
 def word_tokenizer(vocab):
-    """A tokenizer whose word "t{i}" is id i: TRL tokenizes text, and random ids are written as such words."""
+    """A tokenizer whose word "t{i}" is id i, but for <pad> (0) and </s> (1): TRL tokenizes text, and random
+    ids are written as such words. (Special tokens are found inside words: an eos called t1 would split t123.)"""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     transformers = quiet_transformers()
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    words = {"<pad>": 0, "</s>": 1, **{f"t{i}": i for i in range(2, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
 
 
 def build_trl(folder, dtype, lora_rank, args, reference="precompute"):
