@@ -44,8 +44,8 @@ precomputed, "ref": (2B,) its log-probabilities of the rows. Every batch holds B
 their mean, so train.py's plain average over micro-batches and processes is the loss of one big batch.
 """
 
+import contextlib
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -94,18 +94,16 @@ def unwrapped(model):
     return model
 
 
-class eval_mode:
+@contextlib.contextmanager
+def eval_mode(model):
     """Within it, model runs without dropout (eval mode); its mode is restored after."""
-
-    def __init__(self, model):
-        self.model = unwrapped(model)
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
+    model = unwrapped(model)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()

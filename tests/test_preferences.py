@@ -365,3 +365,11 @@ def test_the_built_in_pairs_are_the_docs_answer_against_a_neighbours(tmp_path):
     for prompt, chosen, rejected in found:
         assert chosen != rejected and prompt[-1]["role"] == "user"
         assert chosen[0]["content"] in answers and rejected[0]["content"] in answers
+
+
+def test_loss_png_draws_each_measure_for_steps_and_held_out_pairs():
+    from llm_machinery import plot
+
+    drawn = plot.panels([{"step": 10, "loss": 0.6, "rewards/margins": 0.1, "lr": 1e-5},
+                         {"step": 10, "val_loss": 0.7, "val_rewards/margins": 0.05}])
+    assert drawn["rewards/margins"] == {"train": [(10, 0.1)], "validation": [(10, 0.05)]}
