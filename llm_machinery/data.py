@@ -53,8 +53,8 @@ and may offer two more, which train.py calls where they exist:
         dict of 0-d tensors about it (rewards/margins, ...), each a mean over the micro-batch: train.py
         averages them over the step as it averages the loss, and logs them beside it
 
-A batch is a dict that train.py hands to the model as model(**batch), its tensors moved to the
-device. Two keys are more than tensors of examples:
+A batch is a dict that train.py hands to the model as model(**batch), or to the pipeline's loss, its
+tensors moved to the device. Two keys are more than tensors of examples:
     loss_weight  where the loss is a mean over a varying number of tokens (the answers of prefix-LM
                  and conversation batches), that number; train.py takes it out and weighs each
                  micro-batch's mean by its share of the step's tokens over every micro-batch and
