@@ -129,8 +129,8 @@ def batch_loss(model, batch, beta):
 
 
 def is_preferences(source, text_field="text"):
-    """Whether --data holds preference pairs: records of which the first has "chosen" and "rejected",
-    and no text_field."""
+    """Whether --data holds preference pairs: records of which the first has "chosen" or "rejected"
+    (pair_of then says which one it lacks), and no text_field."""
     if source is None:
         return False
     if not (source.startswith("hf:") or corpus.is_saved_dataset(Path(source).expanduser())):
@@ -141,7 +141,7 @@ def is_preferences(source, text_field="text"):
         first = next(records, (None, {}))[1]
     finally:
         records.close()
-    return text_field not in first and {"chosen", "rejected"} <= first.keys()
+    return text_field not in first and bool({"chosen", "rejected"} & first.keys())
 
 
 def as_messages(value, role, where, field):

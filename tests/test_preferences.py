@@ -312,8 +312,9 @@ def same(i):
 
 @pytest.mark.parametrize("records_, extra, match", [
     ([same(i) for i in range(20)], [], "holds no preference pair whose answers differ (all 20 have the same chosen"),
-    ([{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}, {"prompt": "Hi", "chosen": "Hello."}], [],
-     "line 2 has no 'rejected', which every preference pair needs"),
+    ([{"prompt": "Hi", "chosen": "Hello."}], [], "line 1 has no 'rejected', which every preference pair needs"),
+    ([{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}, {"prompt": "Hi", "rejected": "Go."}], [],
+     "line 2 has no 'chosen', which every preference pair needs"),
     ([{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}, {"chosen": "Hello.", "rejected": "Go."}], [],
      "line 2 has no 'prompt', so its 'chosen' and 'rejected' must be whole conversations"),
     ([{"prompt": "Hi", "chosen": [user("Hello.")], "rejected": "Go."}], [], "does not end in an assistant message"),
