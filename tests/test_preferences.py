@@ -374,3 +374,12 @@ def test_loss_png_draws_each_measure_for_steps_and_held_out_pairs():
     drawn = plot.panels([{"step": 10, "loss": 0.6, "rewards/margins": 0.1, "lr": 1e-5},
                          {"step": 10, "val_loss": 0.7, "val_rewards/margins": 0.05}])
     assert drawn["rewards/margins"] == {"train": [(10, 0.1)], "validation": [(10, 0.05)]}
+
+
+def test_dropout_is_off_so_the_first_step_starts_at_log_2(env):
+    """Policy and reference both run without dropout, as TRL's disable_dropout has it: with a dropout of 0.5
+    the first step's pairs, at the --init weights, have rewards 0 and the loss log 2."""
+    out = env / "dpo-dropout"
+    assert run(env, out, "--set", "dropout=0.5", "--max-steps", "1", "--eval-every", "0", "--log-every", "1") == 0
+    first = records(out)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margins"] == 0
