@@ -363,9 +363,12 @@ def test_the_built_in_pairs_are_the_docs_answer_against_a_neighbours(tmp_path):
     chats = [c["messages"] for c in conversations.pydoc_chats()]
     assert len(found) >= 200 and preferences.is_preferences(str(tmp_path / "examples" / "pydoc_prefs.jsonl"))
     answers = {m["content"] for c in chats for m in c if m["role"] == "assistant"}
+    chosen_ones = {chosen[0]["content"] for _, chosen, _ in found}
     for prompt, chosen, rejected in found:
         assert chosen != rejected and prompt[-1]["role"] == "user"
         assert chosen[0]["content"] in answers and rejected[0]["content"] in answers
+        # No rejected answer is chosen in another pair, where held-out pairs would learn it from training.
+        assert rejected[0]["content"] not in chosen_ones
 
 
 def test_loss_png_draws_each_measure_for_steps_and_held_out_pairs():
