@@ -22,7 +22,8 @@ Fine-tuning: --init DIR starts from a Hugging Face checkpoint folder or a run fo
 and tokenizer; its config holds, but for the training context (the recipe's max_seq_len unless --set)
 and a learning rate of flags.INIT_LR unless --lr. --lora R trains low-rank adapters instead of the
 weights (lora.py), which runs.py saves merged and alone. A --data of conversations teaches the model to
-answer in its chat format (conversations.py).
+answer in its chat format (conversations.py); a --data of preference pairs tunes it by DPO (preferences.py),
+whose pipeline computes the loss (data.py: prepare and loss).
 
 MFU is flops_per_token * tokens/s / the devices' peak FLOP/s (runs.peak_flops, or --peak-flops).
 """
@@ -51,7 +52,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from llm_machinery import conversations, corpus, data, flags, images, lora, plot, runs, threads  # noqa: E402
+from llm_machinery import conversations, corpus, data, flags, images, lora, plot, preferences, runs, threads  # noqa: E402
 from llm_machinery.corpus import UserError  # noqa: E402
 
 if __name__ == "__main__":
@@ -182,26 +183,31 @@ class Run:
             if self.ddp:
                 dist.all_reduce(total)
             scales = (weights * self.world / total.cpu()).tolist()
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum, metric_sums = torch.zeros((), device=self.device), {}
         for micro, (batch, scale) in enumerate(zip(micro_batches, scales)):
             batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             sync = micro == args.grad_accum - 1 or not self.ddp
             with (contextlib.nullcontext() if sync else model.no_sync()), self.autocast():
-                _, loss = model(**batch)
+                # A pipeline with a loss of its own (DPO's, of pairs of answers) computes it from the model.
+                loss, metrics = self.pipe.loss(model, batch) if hasattr(self.pipe, "loss") else (model(**batch)[1], {})
             (loss * scale).backward()
             loss_sum += loss.detach().float() * scale
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v.float() * scale
         # Stop when one more step would run into the time kept for the final evaluation and saving.
         over_time = bool(self.budget) and self.elapsed() + self.per_step > self.budget - self.reserve - self.eval_estimate()
         # One small all-reduce per step carries the loss, a non-finite flag and a stop request, so that
         # every rank takes the same decision; reading it back is the step's one wait for the device.
-        step_loss = loss_sum.item() / self.world
+        values = [v / self.world for v in torch.stack([loss_sum, *metric_sums.values()]).tolist()]
+        step_loss = values[0]
         flags = torch.tensor(
-            [step_loss, float(not math.isfinite(step_loss)), float(self.signal is not None or over_time)],
+            [*values, float(not math.isfinite(step_loss)), float(self.signal is not None or over_time)],
             dtype=torch.float64, device=self.device,
         )
         if self.ddp:
             dist.all_reduce(flags)
-        loss_total, non_finite, stop_requested = flags.tolist()
+        *totals, non_finite, stop_requested = flags.tolist()
+        loss_total, self.step_metrics = totals[0], dict(zip(metric_sums, totals[1:]))
         if non_finite:
             self.progress.print("")
             kept = "no checkpoint was written"
@@ -258,7 +264,7 @@ class Run:
             eta = (self.total_steps - step) * (now - self.run_start_time - self.eval_seconds) / max(1, step - self.run_start_step)
         else:
             eta = self.budget - self.elapsed()
-        extra = self.raw_model.metrics() if hasattr(self.raw_model, "metrics") else {}
+        extra = {**self.step_metrics, **(self.raw_model.metrics() if hasattr(self.raw_model, "metrics") else {})}
         speed = f"{rate / 1e3:.1f}k" if rate >= 1000 else f"{rate:.0f}"
         # A total from the time budget is re-estimated as the run goes: it says so.
         total = self.total_steps if args.max_steps is not None else f"~{self.total_steps}" if self.total_steps else "?"
@@ -397,6 +403,9 @@ class Run:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.ddp else (0, 1)
         self.main_rank = self.rank == 0
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda" else contextlib.nullcontext
+        )
         self.log = print if self.main_rank else (lambda *a, **k: None)
         self.wandb = None
         if args.wandb and self.main_rank:
@@ -433,11 +442,13 @@ class Run:
         torch.manual_seed(args.seed)
         if init is not None:
             self.model = init[0]
-            return
-        try:
-            self.model = self.module.Model(self.config)
-        except ValueError as e:
-            raise UserError(f"invalid config: {e}") from None
+        else:
+            try:
+                self.model = self.module.Model(self.config)
+            except ValueError as e:
+                raise UserError(f"invalid config: {e}") from None
+        if hasattr(self.pipe, "prepare"):  # what the pipeline needs of the starting weights (data.py)
+            self.pipe.prepare(self.model.to(self.device), self.device, args.batch_size, self.autocast)
 
     def run_settings(self):
         """What fixes the data order and the size of a step; a resumed run must keep them."""
@@ -498,9 +509,6 @@ class Run:
         if self.ddp:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.autocast = (
-            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-        )
         stream = self.pipe.stream(self.config, args.batch_size, seed=args.seed, start_step=self.step, rank=self.rank,
                                   world_size=self.world, grad_accum=args.grad_accum)
         workers = args.loader_workers if args.loader_workers is not None else (2 if device.type == "cuda" else 0)
@@ -527,6 +535,7 @@ class Run:
         self.first_step_time = None  # the first step pays for warming up allocators and caches; time from after it
         self.per_step = 0.0
         self.signal = None
+        self.step_metrics = {}  # the pipeline's measures of the last step (data.py: loss)
 
 
 # ------------------------------------------------------------------------------------------ the log
@@ -584,6 +593,7 @@ def write_examples(folder):
     print(corpus.write_texts(folder / "texts"))
     print(images.write_pictures(folder / "pictures"))
     print(conversations.write_chats(folder / "pydoc_chats.jsonl"))
+    print(preferences.write_prefs(folder / "pydoc_prefs.jsonl"))
     return 0
 
 

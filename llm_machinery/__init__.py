@@ -10,6 +10,7 @@ Read in this order, from the command line to the data and back to the files a ru
     corpus.py         text corpora to token shards, no torch; the one error type, UserError
     images.py         image data: pictures of shapes, image folders, the image-text and prefix-LM pipelines
     conversations.py  conversations to fine-tune a chat model on, scored on the assistant's tokens
+    preferences.py    pairs of answers, one chosen and one rejected, to tune a chat model on by DPO
     chat.py           chat formats, rendered alike for training and for sample.py --chat
     lora.py           low-rank adapters on a model file's linear layers, saved merged and in peft's layout
     threads.py        how many CPU threads the steps run on, followed through the run

@@ -358,6 +358,12 @@ class ConversationStream(IterableDataset):
         self.per_step = world_size * grad_accum * batch_size
         self._epochs, self._group = {}, (None, None)
 
+    def length(self, example):
+        return len(example[0])
+
+    def collate(self, examples):
+        return batch(examples)
+
     def shuffled(self, g):
         """The g-th conversation of the run, epoch after shuffled epoch."""
         e, i = divmod(g, len(self.examples))
@@ -375,7 +381,7 @@ class ConversationStream(IterableDataset):
         if self._group[0] != group:
             rng = np.random.default_rng([self.seed, group, 1])
             picked = [self.shuffled(group * size + i) for i in range(size)]
-            lengths = [len(self.examples[k][0]) for k in picked] + rng.uniform(0, LENGTH_JITTER, size)
+            lengths = [self.length(self.examples[k]) for k in picked] + rng.uniform(0, LENGTH_JITTER, size)
             picked = [picked[i] for i in np.argsort(lengths, kind="stable")]
             self._group = (group, [picked[s * self.per_step + i] for s in rng.permutation(GROUP_STEPS)
                                    for i in range(self.per_step)])
@@ -388,7 +394,7 @@ class ConversationStream(IterableDataset):
         while True:
             step, micro = divmod(item, self.grad_accum)
             first = step * self.per_step + (micro * self.world_size + self.rank) * self.batch_size
-            yield batch([self.example(g) for g in range(first, first + self.batch_size)])
+            yield self.collate([self.example(g) for g in range(first, first + self.batch_size)])
             item += n_workers
 
 

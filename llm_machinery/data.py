@@ -7,7 +7,9 @@ pipeline(module, options) makes the one module's TASK names from train.py's opti
     causal_lm   text -> byte-level BPE (bpe.py) -> token files or shards (corpus.py) -> windows of
                 max_seq_len tokens {"idx": (B, T), "targets": (B, T)}, the targets shifted by one (here);
                 or conversations, records of chat messages (conversations.py) -> {"idx", "targets",
-                "loss_weight"}, a conversation a row, where only the assistant's tokens are scored
+                "loss_weight"}, a conversation a row, where only the assistant's tokens are scored;
+                or preference pairs (preferences.py) -> {"idx", "targets"[, "ref"]}, the chosen then the
+                rejected answers, for DPO
     image_text  pictures of shapes, or an image folder with captions (images.py) -> {"pixel_values":
                 (B, 3, S, S), "input_ids": (B, max_seq_len)}, captions padded to a fixed length
     prefix_lm   pictures of shapes with questions, or an image folder with prefixes and suffixes
@@ -41,9 +43,18 @@ which one it drives:
     eval_examples(config, max_tokens=None)   how many examples one evaluation reads, to plan a time budget
     demo(model, device, max_new_tokens, seed)   a short sample to print at the end of training
     save(out_dir)                    what sample.py needs besides the weights (the tokenizer)
+and may offer two more, which train.py calls where they exist:
+    prepare(model, device, batch_size, autocast)
+        once, with the model as --init or the model file builds it, before a checkpoint is loaded into
+        it or a step is taken: what the pipeline needs of the starting model (preferences.py: the
+        reference's log-probabilities of every pair)
+    loss(model, batch) -> (loss, metrics)
+        the micro-batch's loss, which train.py then computes with this instead of model(**batch), and a
+        dict of 0-d tensors about it (rewards/margins, ...), each a mean over the micro-batch: train.py
+        averages them over the step as it averages the loss, and logs them beside it
 
-A batch is a dict that train.py hands to the model as model(**batch), its tensors moved to the
-device. Two keys are more than tensors of examples:
+A batch is a dict that train.py hands to the model as model(**batch), or to the pipeline's loss, its
+tensors moved to the device. Two keys are more than tensors of examples:
     loss_weight  where the loss is a mean over a varying number of tokens (the answers of prefix-LM
                  and conversation batches), that number; train.py takes it out and weighs each
                  micro-batch's mean by its share of the step's tokens over every micro-batch and
@@ -62,7 +73,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
-from llm_machinery import conversations, corpus, images, runs
+from llm_machinery import conversations, corpus, images, preferences, runs
 from llm_machinery.corpus import UserError
 
 
@@ -93,7 +104,10 @@ class CausalLM:
 
     @classmethod
     def from_options(cls, options, module, tokenizer=None):
-        """The pipeline of --data: this one for text, conversations.Conversations for records of chats."""
+        """The pipeline of --data: this one for text, conversations.Conversations for records of chats,
+        preferences.Preferences for pairs of answers."""
+        if preferences.is_preferences(options.data, options.text_field):
+            return preferences.Preferences.from_options(options, module, tokenizer)
         if conversations.is_conversations(options.data, options.text_field):
             return conversations.Conversations.from_options(options, module, tokenizer)
         if getattr(options, "validation_file", None) is not None:  # refused before the corpus is read
@@ -290,4 +304,6 @@ def pipeline(module, options, tokenizer=None):
     made = PIPELINES[task].from_options(options, module, tokenizer)
     if getattr(options, "validation_file", None) is not None and getattr(made, "validation_source", None) is None:
         raise UserError(VALIDATION_FILE_APPLIES)
+    if getattr(options, "beta", None) is not None and not isinstance(made, preferences.Preferences):
+        raise UserError("--beta applies only to preference pairs (records with 'chosen' and 'rejected')")
     return made

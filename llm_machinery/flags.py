@@ -13,7 +13,7 @@ import ast
 import importlib
 import math
 
-from llm_machinery import runs
+from llm_machinery import preferences, runs
 from llm_machinery.corpus import UserError
 
 DEFAULT_MODEL = "gpt_llama"
@@ -120,8 +120,8 @@ def parse_args(argv):
         formatter_class=runs.HelpFormatter,
     )
     p.add_argument("--model", default=name, help=f"model file, one of: {', '.join(choices)}")
-    p.add_argument("--data", default=None, help="text models: a .txt, .jsonl or .parquet file (.jsonl, parquet and datasets whose records hold \"messages\", or \"prompt\" and \"completion\", are conversations: the loss is on the answers), a folder or glob of them, an http(s) URL, a Hugging Face dataset folder (save_to_disk) or hf:NAME (needs datasets) (default: the stdlib's pydoc_data.topics); image-text models: an image folder with metadata.jsonl (default: pictures of shapes)")
-    p.add_argument("--validation-file", default=None, metavar="PATH", help="conversations: held-out records to "
+    p.add_argument("--data", default=None, help="text models: a .txt, .jsonl or .parquet file (.jsonl, parquet and datasets whose records hold \"messages\", or \"prompt\" and \"completion\", are conversations: the loss is on the answers; records with \"chosen\" and \"rejected\" are preference pairs, tuned by DPO), a folder or glob of them, an http(s) URL, a Hugging Face dataset folder (save_to_disk) or hf:NAME (needs datasets) (default: the stdlib's pydoc_data.topics); image-text models: an image folder with metadata.jsonl (default: pictures of shapes)")
+    p.add_argument("--validation-file", default=None, metavar="PATH", help="conversations and preference pairs: held-out records to "
                    "validate on, in the form of --data (default: the 10%% of --data chosen by a hash of each record's "
                    "content, whatever their order)")
     p.add_argument("--text-field", type=named("a field, such as text"), default="text", help="text models: the field of a .jsonl line, or the column of a parquet file or dataset, that holds the text")
@@ -142,6 +142,9 @@ def parse_args(argv):
                    "the blocks', attention and MLP)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="with --lora: the dtype of "
                    "the frozen weights; bfloat16 halves their memory (the adapters stay float32)")
+    p.add_argument("--beta", type=ranged(float, "a positive number such as 0.1", lambda v: v > 0), default=None,
+                   help="preference pairs (DPO, preferences.py): how far the model may move from the --init model, the "
+                   f"beta of the loss -log sigmoid(beta * margin) (default: TRL's, {preferences.DEFAULT_BETA})")
     p.add_argument("--max-steps", type=COUNT, default=None, help="optimizer steps; fixes the schedule length and turns the time budget off unless --time-budget is given")
     p.add_argument("--time-budget", type=ranged(float, "0 (none) or a positive number of seconds", lambda v: v >= 0), default=None, help=f"seconds of wall time for the whole run, 0 for none (default: {r['time_budget']} unless --max-steps)")
     p.add_argument("--batch-size", type=COUNT, default=r["batch_size"], help="sequences per micro-batch per process")
@@ -172,7 +175,8 @@ def parse_args(argv):
     p.add_argument("--wandb", nargs="?", const="llms-from-scratch", default=None, metavar="PROJECT", help="log to Weights & Biases (needs wandb)")
     p.add_argument("--examples", nargs="?", const="examples", default=None, metavar="FOLDER", help="train nothing; write "
                    "the README's example data into FOLDER (default: examples): texts/ (the built-in corpus as .txt files), "
-                   "pictures/ (a picture of each colour and shape) and pydoc_chats.jsonl (conversations to fine-tune on)")
+                   "pictures/ (a picture of each colour and shape), pydoc_chats.jsonl (conversations to fine-tune on) and "
+                   "pydoc_prefs.jsonl (preference pairs to tune the result on)")
     p.add_argument("--plot", default=None, metavar="RUN", help="train nothing; draw RUN/loss.png again from RUN/metrics.jsonl "
                    "(needs the plots extra)")
     args = p.parse_args(argv)

@@ -26,6 +26,7 @@ base_model.model.<Hugging Face module name>.lora_A.weight, and adapter_config.js
 peft.PeftModel.from_pretrained puts them on the transformers model; runs.py writes and checks the files.
 """
 
+import contextlib
 import math
 
 import torch
@@ -40,6 +41,7 @@ class Adapted(nn.Module):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.enabled = True  # off: the layer is its base alone, the model as it was loaded (disabled())
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))
@@ -47,9 +49,25 @@ class Adapted(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
+        if not self.enabled:
+            return y
         # The scale goes on the rank-r activations, r numbers a position instead of out. Adding in place
         # into the base's output spares a tensor of its size (a bf16 output rounds the float32 sum once).
         return y.add_(F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A) * self.scaling, self.lora_B))
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """Within it, model computes without its adapters: the frozen model it started from, with no copy
+    of its weights (the reference of preference tuning, preferences.py)."""
+    found = adapters(model).values()
+    for m in found:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in found:
+            m.enabled = True
 
 
 def candidates(model):

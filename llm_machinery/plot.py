@@ -3,12 +3,13 @@ loss.png of a training run, drawn from its metrics.jsonl: python train.py --plot
 
 One panel for the training and validation loss, then one for each other number the run logged:
 each evaluation metric (bits per byte, perplexity; accuracies, with the per-question ones of an
-image model beside its overall one) and each summary metric of the model (a mixture of experts' load
-balance). Every panel says in words what it shows, with its unit and a legend that tells training
-batches from validation; a metric that never changed is said once in the figure's title instead of
-drawn flat. A model file names its own metrics in METRICS ({name: (title, unit)}); the evaluations'
-names are below. train.py draws it at the end of a run, and again when a finished run is rerun
-without one. It needs matplotlib: pip install -e ".[plots]".
+image model beside its overall one), each summary metric of the model (a mixture of experts' load
+balance) and each measure a pipeline gives of its steps (DPO's rewards/margins, ...), with its held-out
+value on the same panel. Every panel says in words what it shows, with its unit and a legend that tells
+training batches from validation; a metric that never changed is said once in the figure's title
+instead of drawn flat. A model file names its own metrics in METRICS ({name: (title, unit)}); the
+pipelines' names are below. train.py draws it at the end of a run, and again when a finished run is
+rerun without one. It needs matplotlib: pip install -e ".[plots]".
 """
 
 import importlib
@@ -20,12 +21,18 @@ from llm_machinery.corpus import atomic_write
 
 # What every step record holds; the rest of a record are the model's own metrics.
 STEP_KEYS = {"step", "loss", "lr", "mfu", "time"}
-# What the pipelines' evaluations log (data.py, images.py, conversations.py), as panel titles and units.
+# What the pipelines log (data.py, images.py, conversations.py, preferences.py), as panel titles and units.
 EVALUATIONS = {
-    "loss": ("loss: cross-entropy of the scored tokens", "nats per token"),
+    "loss": ("loss: what training minimises", "nats"),
     "ppl": ("perplexity of validation text", "e ** (nats per token)"),
     "bpb": ("bits per byte of validation text", "bits per byte"),
     "accuracy": ("accuracy on validation examples", "share right"),
+    "rewards/chosen": ("reward of the chosen answers, beta (log p - log p_ref)", "nats x beta"),
+    "rewards/rejected": ("reward of the rejected answers, beta (log p - log p_ref)", "nats x beta"),
+    "rewards/accuracies": ("pairs whose chosen answer has the higher reward", "share"),
+    "rewards/margins": ("reward margin: chosen minus rejected", "nats x beta"),
+    "logps/chosen": ("log-probability of the chosen answers", "nats"),
+    "logps/rejected": ("log-probability of the rejected answers", "nats"),
 }
 
 
@@ -40,6 +47,8 @@ def panels(records):
                 continue
             if key == "loss":
                 panel, label = "loss", "training"
+            elif "/" in key:  # a pipeline's measure of each step (TRL's rewards/margins, ...), its held-out value beside it
+                panel, label = key.removeprefix("val_"), "validation" if key.startswith("val_") else "training"
             elif key.startswith("val_"):
                 name = key.removeprefix("val_")
                 panel = "accuracy" if name.startswith("accuracy") else name
