@@ -103,7 +103,8 @@ def our_pipeline(env, tmp_path, records, beta=0.3):
     options = type("Options", (), dict(data=str(write_jsonl(tmp_path / "pairs.jsonl", records)), text_field="text",
                                        init=str(env / "hf"), beta=beta))()
     model, config, tokenizer = runs.load_init(env / "hf", gpt_llama, {}, 128)
-    pipe = preferences.Preferences(options.data, tokenizer, env / "hf", beta, val_fraction=0.5)
+    # The same pairs again as the held-out ones, so that a few pairs make both splits.
+    pipe = preferences.Preferences(options.data, tokenizer, env / "hf", beta, validation_source=options.data)
     return pipe, model
 
 
@@ -118,7 +119,7 @@ def ours(env, tmp_path, records, mode, their_model=None, beta=0.3):
     if mode != "peft":
         model.load_state_dict(gpt_llama.Model.from_pretrained(env / "moved").state_dict())
     model.train()
-    examples = [(*pipe.examples[i], None if pipe.ref is None else pipe.ref[i]) for i in range(len(pipe.examples))]
+    examples = [(*pipe.examples[i], None if pipe.ref is None else pipe.ref[i]) for i in range(len(records))]
     loss, metrics = pipe.loss(model, preferences.batch(examples))
     return loss, metrics, model
 
@@ -374,9 +375,13 @@ def test_the_built_in_pairs_are_the_docs_answer_against_a_neighbours(tmp_path):
 def test_loss_png_draws_each_measure_for_steps_and_held_out_pairs():
     from llm_machinery import plot
 
-    drawn = plot.panels([{"step": 10, "loss": 0.6, "rewards/margins": 0.1, "lr": 1e-5},
-                         {"step": 10, "val_loss": 0.7, "val_rewards/margins": 0.05}])
-    assert drawn["rewards/margins"] == {"train": [(10, 0.1)], "validation": [(10, 0.05)]}
+    drawn, _ = plot.panels([{"step": 10, "loss": 0.6, "rewards/margins": 0.1, "lr": 1e-5},
+                            {"step": 10, "val_loss": 0.7, "val_rewards/margins": 0.05},
+                            {"step": 20, "loss": 0.5, "rewards/margins": 0.3, "lr": 1e-5}])
+    assert drawn["rewards/margins"] == {"training": [(10, 0.1), (20, 0.3)], "validation": [(10, 0.05)]}
+    for name in preferences.METRICS:  # each titled in words, with its unit
+        title, unit = plot.described(name, {})
+        assert " " in title and unit, name
 
 
 def test_dropout_is_off_so_the_first_step_starts_at_log_2(env):
@@ -386,3 +391,23 @@ def test_dropout_is_off_so_the_first_step_starts_at_log_2(env):
     assert run(env, out, "--set", "dropout=0.5", "--max-steps", "1", "--eval-every", "0", "--log-every", "1") == 0
     first = records(out)[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margins"] == 0
+
+
+def test_pairs_are_held_out_by_their_content_or_from_a_validation_file(env, tmp_path):
+    """As conversations: a pair is held out by a hash of its content, whatever its place in the file; with
+    --validation-file, exactly that file's pairs are."""
+    countries = ["France", "Japan", "Peru", "Kenya", "Norway", "Chile", "Egypt", "Spain", "India", "Canada"]
+    pairs = [{"prompt": [{"role": "user", "content": f"Capital of {countries[i % 10]}? ({i // 10})"}],
+              "chosen": [{"role": "assistant", "content": f"That of {countries[i % 10]}."}],
+              "rejected": [{"role": "assistant", "content": f"That of {countries[(i + 1) % 10]}."}]} for i in range(80)]
+    _, _, tokenizer = runs.load_init(env / "hf", gpt_llama, {}, 128)
+    pipe = preferences.Preferences(str(write_jsonl(tmp_path / "p.jsonl", pairs)), tokenizer, env / "hf")
+    expected = [corpus.is_held_out((p["prompt"], p["chosen"], p["rejected"]), 0.1) for p in pairs]
+    assert pipe.held == expected and 0 < sum(expected) < 20
+    assert len({pairs[i]["prompt"][0]["content"].split()[2] for i, h in enumerate(expected) if h}) >= 3
+    reversed_file = write_jsonl(tmp_path / "r.jsonl", pairs[::-1])
+    again = preferences.Preferences(str(reversed_file), tokenizer, env / "hf")
+    assert again.held == expected[::-1]
+    given = preferences.Preferences(str(write_jsonl(tmp_path / "t.jsonl", pairs[:70])), tokenizer, env / "hf",
+                                    validation_source=str(write_jsonl(tmp_path / "v.jsonl", pairs[70:])))
+    assert given.held == [False] * 70 + [True] * 10
