@@ -105,25 +105,26 @@ def messages_of(record, where):
 FEW_HELD_OUT = 10
 
 
-def tokenize(found, chat_format, key):
-    """(ids, scored, starts) of the conversations found, (where, messages) pairs: their tokens one after
-    another, whether each is the assistant's, and where each conversation starts (N + 1 offsets);
-    cached under key."""
-    path = corpus.cache_dir() / "conversations" / f"{key}.npz"
+def tokenize(found, rows_of, key, kind="conversations"):
+    """(ids, scored, starts) of the records found, (where, record) pairs: the token rows that rows_of(record)
+    gives ([(ids, scored)], one a conversation, two a preference pair), one after another, whether each
+    token is scored, and where each row starts (one offset more than rows); cached under kind/key."""
+    path = corpus.cache_dir() / kind / f"{key}.npz"
     if path.exists():
         with np.load(path) as cached:
             return cached["ids"], cached["scored"], cached["starts"]
     if len(found) > 1000:
-        print(f"tokenizing {len(found):,} conversations; cached in {path}", file=sys.stderr)
+        print(f"tokenizing {len(found):,} {kind}; cached in {path}", file=sys.stderr)
     ids, scored, starts = [], [], [0]
-    for where, messages in found:
+    for where, record in found:
         try:
-            i, s = chat_format.tokens(messages)
+            rows = rows_of(record)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-        ids += i
-        scored += s
-        starts.append(len(ids))
+        for i, s in rows:
+            ids += i
+            scored += s
+            starts.append(len(ids))
     arrays = {"ids": np.array(ids, dtype=np.uint32), "scored": np.array(scored, dtype=bool),
               "starts": np.array(starts, dtype=np.int64)}
 
@@ -187,7 +188,7 @@ class Conversations:
                             "tokenizer": key,
                             "chat_format": corpus.sha256(f"{self.format.source}{sorted(self.format.end_ids)}")[:16]}
         key = corpus.sha256(json.dumps(self.fingerprint, sort_keys=True))[:32]
-        ids, scored, starts = tokenize(found, self.format, key)
+        ids, scored, starts = tokenize(found, lambda messages: [self.format.tokens(messages)], key)
         self.examples = [(ids[a:b], scored[a:b]) for a, b in zip(starts[:-1], starts[1:])]
         self.fitted = None
         if not any(self.held):
@@ -313,11 +314,7 @@ class Conversations:
                     max_new_tokens or len(self.tokenizer.encode_ordinary(reference)) + 16)
             if n < 1:  # a template that writes the question longer alone than in the conversation
                 continue
-            new = []
-            for token in model.generate_stream(torch.tensor([ids], device=device), n, temperature=0):
-                if int(token[0]) in self.format.end_ids:
-                    break
-                new.append(int(token[0]))
+            new = greedy_answer(model, self.format, ids, n, device)
             question = messages[k - 1]["content"] if k else ""
             lines.append(f"  {shorten(question)!r} -> {shorten(self.tokenizer.decode(new))!r} "
                          f"(reference {shorten(reference)!r})")
@@ -325,16 +322,31 @@ class Conversations:
 
     def demo(self, model, device, max_new_tokens=200, seed=0):
         """A few held-out questions, picked by seed, answered greedily beside their references."""
-        n_val = len(self.fit(model.config.max_seq_len)[1])
-        picks = np.random.default_rng(seed).permutation(n_val)[:N_ANSWERS].tolist()
-        was_training = model.training
-        model.eval()
-        lines = self.answers(model, model.config, device, picks, max_new_tokens)
-        model.train(was_training)
-        return "\n".join(lines)
+        return demo(self, model, device, max_new_tokens, seed)
 
     def save(self, out_dir):
         runs.save_tokenizer(out_dir, self.tokenizer, self.tokenizer_files)
+
+
+def greedy_answer(model, chat_format, ids, n, device):
+    """The ids model writes greedily after the prompt ids, up to n of them or an end-of-turn token."""
+    new = []
+    for token in model.generate_stream(torch.tensor([ids], device=device), n, temperature=0):
+        if int(token[0]) in chat_format.end_ids:
+            break
+        new.append(int(token[0]))
+    return new
+
+
+def demo(pipe, model, device, max_new_tokens, seed):
+    """pipe.answers to N_ANSWERS of its held-out records, picked by seed, in one text."""
+    n_val = len(pipe.fit(model.config.max_seq_len)[1])
+    picks = np.random.default_rng(seed).permutation(n_val)[:N_ANSWERS].tolist()
+    was_training = model.training
+    model.eval()
+    lines = pipe.answers(model, model.config, device, picks, max_new_tokens)
+    model.train(was_training)
+    return "\n".join(lines)
 
 
 def shorten(text, width=80):

@@ -60,7 +60,7 @@ from llm_machinery.conversations import shorten
 from llm_machinery.corpus import UserError
 
 DEFAULT_BETA = 0.1  # TRL's DPOConfig.beta
-N_ANSWERS = 3  # held-out prompts answered greedily at each evaluation
+
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
@@ -195,34 +195,6 @@ def answer_tokens(chat_format, prompt, answer):
     return ids[:end], scored[:end]
 
 
-def tokenize(pairs, chat_format, key):
-    """(ids, scored, starts) of the chosen and rejected rows of every pair, 2N rows one after another
-    (row 2i pair i's chosen, 2i + 1 its rejected), starts their 2N + 1 offsets; cached under key."""
-    path = corpus.cache_dir() / "preferences" / f"{key}.npz"
-    if path.exists():
-        with np.load(path) as cached:
-            return cached["ids"], cached["scored"], cached["starts"]
-    ids, scored, starts = [], [], [0]
-    for where, (prompt, chosen, rejected) in pairs:
-        for answer in (chosen, rejected):
-            try:
-                i, s = answer_tokens(chat_format, prompt, answer)
-            except UserError as e:
-                raise UserError(f"{where}: {e}") from None
-            ids += i
-            scored += s
-            starts.append(len(ids))
-    arrays = {"ids": np.array(ids, dtype=np.uint32), "scored": np.array(scored, dtype=bool),
-              "starts": np.array(starts, dtype=np.int64)}
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    corpus.atomic_write(path, write)
-    return arrays["ids"], arrays["scored"], arrays["starts"]
-
-
 def batch(examples):
     """{"idx", "targets"} of pairs ((chosen ids, scored), (rejected ids, scored), ref), the chosen rows
     first, and "ref" (2B,) when the pairs carry the reference's log-probabilities."""
@@ -266,7 +238,9 @@ class Preferences:
                             "chat_format": corpus.sha256(f"{self.format.source}{sorted(self.format.end_ids)}")[:16],
                             "beta": beta}
         key = corpus.sha256(json.dumps(self.fingerprint, sort_keys=True))[:32]
-        ids, scored, starts = tokenize(found, self.format, key)
+        # Row 2i is pair i's chosen answer after its prompt, row 2i + 1 its rejected one.
+        ids, scored, starts = conversations.tokenize(
+            found, lambda pair: [answer_tokens(self.format, pair[0], answer) for answer in pair[1:]], key, "preferences")
         rows = [(ids[a:b], scored[a:b]) for a, b in zip(starts[:-1], starts[1:])]
         self.examples = list(zip(rows[0::2], rows[1::2]))
         self.ref = None  # the reference's (chosen, rejected) log-probabilities of every pair, once prepared
@@ -402,7 +376,7 @@ class Preferences:
         result = {"val_loss": means[0], **{f"val_{k}": v for k, v in zip(METRICS, means[1:])}}
         if rank == 0:
             with autocast():
-                result["answers"] = "\n".join(self.answers(model, config, device, range(N_ANSWERS)))
+                result["answers"] = "\n".join(self.answers(model, config, device, range(conversations.N_ANSWERS)))
         model.train(was_training)
         return result
 
@@ -422,11 +396,7 @@ class Preferences:
                     max_new_tokens or len(self.tokenizer.encode_ordinary(chosen[-1]["content"])) + 16)
             if n < 1:
                 continue
-            new = []
-            for token in model.generate_stream(torch.tensor([ids], device=device), n, temperature=0):
-                if int(token[0]) in self.format.end_ids:
-                    break
-                new.append(int(token[0]))
+            new = conversations.greedy_answer(model, self.format, ids, n, device)
             question = prompt[-1]["content"] if prompt else ""
             lines.append(f"  {shorten(question)!r} -> {shorten(self.tokenizer.decode(new))!r} "
                          f"(chosen {shorten(chosen[-1]['content'])!r}, rejected {shorten(rejected[-1]['content'])!r})")
@@ -434,13 +404,7 @@ class Preferences:
 
     def demo(self, model, device, max_new_tokens=200, seed=0):
         """A few held-out prompts, picked by seed, answered greedily beside their chosen and rejected answers."""
-        n_val = len(self.fit(model.config.max_seq_len)[1])
-        picks = np.random.default_rng(seed).permutation(n_val)[:N_ANSWERS].tolist()
-        was_training = model.training
-        model.eval()
-        lines = self.answers(model, model.config, device, picks, max_new_tokens)
-        model.train(was_training)
-        return "\n".join(lines)
+        return conversations.demo(self, model, device, max_new_tokens, seed)
 
     def save(self, out_dir):
         runs.save_tokenizer(out_dir, self.tokenizer, self.tokenizer_files)
