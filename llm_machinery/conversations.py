@@ -56,20 +56,27 @@ GROUP_STEPS = 16  # steps whose conversations are sorted by length together (doc
 LENGTH_JITTER = 16  # tokens of noise in that sort
 
 
-def is_conversations(source, text_field="text"):
-    """Whether --data holds conversations: records (no .txt file among them) of which the first has
-    "messages", or "prompt" and "completion", and no text_field."""
+def first_record(source, text_field="text"):
+    """The first record of --data when it holds records (no .txt file among them) without text_field;
+    else {}, as for text."""
     if source is None:
-        return False
+        return {}
     if not (source.startswith("hf:") or corpus.is_saved_dataset(Path(source).expanduser())):
         if any(p.suffix not in (".jsonl", ".parquet") for p in corpus.corpus_files(source)):
-            return False
+            return {}
     records = corpus.records(source)
     try:
         first = next(records, (None, {}))[1]
     finally:
         records.close()
-    return text_field not in first and ("messages" in first or {"prompt", "completion"} <= first.keys())
+    return {} if text_field in first else first
+
+
+def is_conversations(source, text_field="text"):
+    """Whether --data holds conversations: records of which the first has "messages", or "prompt" and
+    "completion", and no text_field."""
+    first = first_record(source, text_field)
+    return "messages" in first or {"prompt", "completion"} <= first.keys()
 
 
 def messages_of(record, where):

@@ -50,7 +50,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -132,17 +131,7 @@ def batch_loss(model, batch, beta):
 def is_preferences(source, text_field="text"):
     """Whether --data holds preference pairs: records of which the first has "chosen" or "rejected"
     (pair_of then says which one it lacks), and no text_field."""
-    if source is None:
-        return False
-    if not (source.startswith("hf:") or corpus.is_saved_dataset(Path(source).expanduser())):
-        if any(p.suffix not in (".jsonl", ".parquet") for p in corpus.corpus_files(source)):
-            return False
-    records = corpus.records(source)
-    try:
-        first = next(records, (None, {}))[1]
-    finally:
-        records.close()
-    return text_field not in first and bool({"chosen", "rejected"} & first.keys())
+    return bool({"chosen", "rejected"} & conversations.first_record(source, text_field).keys())
 
 
 def as_messages(value, role, where, field):
