@@ -118,7 +118,7 @@ def test_a_device_torch_does_not_see_is_refused_in_one_sentence(tmp_path, monkey
 def test_a_step_total_estimated_from_the_time_budget_is_marked_so(corpus_env, tmp_path):
     """step 10/~119 while the time budget sets the length; step 10/20 when --max-steps fixes it."""
     common = ["--data", str(corpus_env / "corpus.txt"), *TINY, "--threads", "1", "--log-every", "5", "--sample-tokens", "0"]
-    budget = start_train([*common, "--out", str(tmp_path / "budget"), "--time-budget", "12", "--eval-every", "0"])
+    budget = start_train([*common, "--out", str(tmp_path / "budget"), "--time-budget", "20", "--eval-every", "0"])
     out, err = budget.communicate(timeout=180)
     assert budget.returncode == 0, err
     steps = [line.split()[1] for line in out.splitlines() if line.startswith("step ") and "| loss" in line]
