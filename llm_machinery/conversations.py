@@ -178,7 +178,7 @@ class Conversations:
         if validation_source is None:
             self.held = [corpus.is_held_out(messages, val_fraction) for _, messages in found]
         else:
-            held_out = [(where, messages_of(record, where)) for where, record in corpus.records(validation_source)]
+            held_out = [(where, messages_of(record, where)) for where, record in corpus.held_out_records(validation_source)]
             if not held_out:
                 raise UserError(f"--validation-file {validation_source} holds no conversations")
             self.held = [False] * len(found) + [True] * len(held_out)

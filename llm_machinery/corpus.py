@@ -415,6 +415,14 @@ def is_validation(index, val_fraction):
     return int((index + 1) * val_fraction) > int(index * val_fraction)
 
 
+def held_out_records(source):
+    """The (where, record) pairs of --validation-file, read as --data is, and said to come from it."""
+    try:
+        return list(records(source))
+    except UserError as e:
+        raise UserError(str(e).replace("--data", "--validation-file")) from None
+
+
 def is_held_out(record, val_fraction):
     """Whether a record (a conversation, a preference pair: anything json can write) is held out for
     validation: by a hash of its content, not its place, so that a file in any order, cycling through a

@@ -140,7 +140,7 @@ def parse_args(argv):
     )
     p.add_argument("--model", default=name, help=f"model file, one of: {', '.join(choices)}")
     p.add_argument("--data", default=None, help="text models: a .txt, .jsonl or .parquet file (.jsonl, parquet and datasets whose records hold \"messages\", or \"prompt\" and \"completion\", are conversations: the loss is on the answers; records with \"chosen\" and \"rejected\" are preference pairs, tuned by DPO), a folder or glob of them, an http(s) URL, a Hugging Face dataset folder (save_to_disk) or hf:NAME (needs datasets) (default: the stdlib's pydoc_data.topics); image-text models: an image folder with metadata.jsonl (default: pictures of shapes)")
-    p.add_argument("--validation-file", default=None, metavar="PATH", help="conversations and preference pairs: held-out records to "
+    p.add_argument("--validation-file", type=named("a file of held-out records"), default=None, metavar="PATH", help="conversations and preference pairs: held-out records to "
                    "validate on, in the form of --data (default: the 10%% of --data chosen by a hash of each record's "
                    "content, whatever their order)")
     p.add_argument("--text-field", type=named("a field, such as text"), default="text", help="text models: the field of a .jsonl line, or the column of a parquet file or dataset, that holds the text")

@@ -203,7 +203,7 @@ class Preferences:
         """tokenizer: (tokenizer, key, files) of the --init folder, whose chat format renders the pairs. The
         pairs of validation_source are held out; without it, each pair of source is, with probability
         val_fraction, by a hash of its content, as conversations are (corpus.is_held_out)."""
-        found, same = self.read(source)
+        found, same = self.read(corpus.records(source))
         if not found:
             raise UserError(f"--data {source} holds no preference pair whose answers differ"
                             + (f" (all {same} have the same chosen and rejected answer)" if same else ""))
@@ -211,7 +211,7 @@ class Preferences:
         if validation_source is None:
             self.held = [corpus.is_held_out(pair, val_fraction) for _, pair in found]
         else:
-            held_out, skipped = self.read(validation_source)
+            held_out, skipped = self.read(corpus.held_out_records(validation_source))
             if not held_out:
                 raise UserError(f"--validation-file {validation_source} holds no preference pair whose answers differ")
             self.held = [False] * len(found) + [True] * len(held_out)
@@ -236,10 +236,10 @@ class Preferences:
         self.fitted = None
 
     @staticmethod
-    def read(source):
-        """The (where, (prompt, chosen, rejected)) pairs of source whose answers differ, and how many do not."""
+    def read(records):
+        """The (where, (prompt, chosen, rejected)) pairs of records whose answers differ, and how many do not."""
         found, same = [], 0
-        for where, record in corpus.records(source):
+        for where, record in records:
             prompt, chosen, rejected = pair_of(record, where)
             if chosen == rejected:
                 same += 1

@@ -301,6 +301,11 @@ def test_a_validation_file_holds_the_held_out_conversations(tmp_path, corpus_env
                        "--max-steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "--validation-file applies to conversations" in err and len(err.splitlines()) == 1 and not out.exists()
+    for given, said in ((str(tmp_path / "nowhere.jsonl"), "no file matches --validation-file"),
+                        ("", "--validation-file must name a file of held-out records")):
+        assert train.main(["--data", str(source), "--validation-file", given, "--out", str(out), "--max-steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.splitlines()) == 1 and not out.exists(), err
 
 
 def rows_of(b):
