@@ -590,16 +590,20 @@ class Progress:
 
 def write_examples(folder):
     """The data the README's commands use, written where .gitignore keeps it out of the repository."""
-    print(corpus.write_texts(folder / "texts"))
-    print(images.write_pictures(folder / "pictures"))
-    print(conversations.write_chats(folder / "pydoc_chats.jsonl"))
-    print(preferences.write_prefs(folder / "pydoc_prefs.jsonl"))
+    try:
+        print(corpus.write_texts(folder / "texts"))
+        print(images.write_pictures(folder / "pictures"))
+        print(conversations.write_chats(folder / "pydoc_chats.jsonl"))
+        print(preferences.write_prefs(folder / "pydoc_prefs.jsonl"))
+    except OSError as e:
+        raise UserError(f"cannot write the examples into {folder} ({e.strerror}); give a folder you can write to") from None
     return 0
 
 
 def draw_again(folder):
     if not folder.is_dir():
-        raise UserError(f"{folder} does not exist; give a folder that train.py wrote, such as out/gpt_llama")
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"{folder} {what}; give a folder that train.py wrote, such as out/gpt_llama")
     if not (folder / "metrics.jsonl").is_file():
         raise UserError(f"{folder} holds no metrics.jsonl; give a folder that train.py wrote, such as out/gpt_llama")
     png = plot.plot_run(folder)

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from real_models import MODELS, cpu_model, hf_config, memory_kb  # noqa: E402
-from timing import best_times, quiet_transformers, timed  # noqa: E402
+from timing import adamw, best_times, quiet_transformers, timed  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -64,19 +64,9 @@ def random_pairs(vocab, args):
             for _ in range(args.pairs)]
 
 
-def adamw(params):
-    import torch
-
-    try:
-        return torch.optim.AdamW(params, lr=1e-5, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=1e-5)
-
-
 def build_ours(folder, dtype, lora_rank, args):
     """Our model and DPO step: the pairs' rows as preferences.batch makes them, ending in the eos TRL adds."""
     import numpy as np
-    import torch
 
     import gpt_llama
     from llm_machinery import lora, preferences
@@ -93,7 +83,7 @@ def build_ours(folder, dtype, lora_rank, args):
         ref = preferences.reference_logps(model, batch["idx"], batch["targets"])
         batch["ref"] = ref
     model.train()
-    optimizer = adamw([p for p in model.parameters() if p.requires_grad])
+    optimizer = adamw(lr=1e-5, params=[p for p in model.parameters() if p.requires_grad])
 
     def step():
         loss, _ = preferences.batch_loss(model, batch, BETA)
@@ -145,7 +135,7 @@ def build_trl(folder, dtype, lora_rank, args, reference="precompute"):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(text))])
     assert batch["input_ids"].shape[1] == args.prompt + args.answer + 1, batch["input_ids"].shape
     trainer.model.train()
-    optimizer = adamw([p for p in trainer.model.parameters() if p.requires_grad])
+    optimizer = adamw(lr=1e-5, params=[p for p in trainer.model.parameters() if p.requires_grad])
 
     def step():
         trainer.compute_loss(trainer.model, batch).backward()

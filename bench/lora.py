@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # This file is bench/lora.py: the project's lora.py must come first on the path.
 sys.path.insert(0, str(ROOT))
 from real_models import MODELS, cpu_model, hf_config, memory_kb  # noqa: E402
-from timing import best_times, quiet_transformers, timed  # noqa: E402
+from timing import adamw, best_times, quiet_transformers, timed  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 GIB = 1024**2  # kB per GiB
@@ -59,15 +59,6 @@ def save(key, dtype, folder):
     transformers = quiet_transformers()
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(hf_config(key), dtype=getattr(torch, dtype)).save_pretrained(folder)
-
-
-def adamw(params):
-    import torch
-
-    try:
-        return torch.optim.AdamW(params, lr=1e-4, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=1e-4)
 
 
 def build(contender, folder, dtype, args):
@@ -99,7 +90,7 @@ def build(contender, folder, dtype, args):
             return model(ids[:, :-1], ids[:, 1:])[1]
 
     model.train()
-    optimizer = adamw([p for p in model.parameters() if p.requires_grad])
+    optimizer = adamw(lr=1e-4, params=[p for p in model.parameters() if p.requires_grad])
 
     def step():
         loss().backward()

@@ -43,3 +43,13 @@ def chosen_shapes(parser, text, all_shapes):
     if unknown:
         parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(all_shapes)}")
     return names
+
+
+def adamw(params, lr):
+    """torch's AdamW, fused where this torch and device have it, as train.py makes it."""
+    import torch
+
+    try:
+        return torch.optim.AdamW(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=lr)

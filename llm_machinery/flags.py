@@ -193,11 +193,11 @@ def parse_args(argv):
     p.add_argument("--sample-tokens", type=ranged(int, "0 (no sample) or more", lambda v: v >= 0), default=200, help="tokens of the sample printed at the end (image-text models: that many examples, at most 6), 0 for none")
     p.add_argument("--no-plot", action="store_true", help="skip loss.png")
     p.add_argument("--wandb", nargs="?", const="llms-from-scratch", default=None, metavar="PROJECT", help="log to Weights & Biases (needs wandb)")
-    p.add_argument("--examples", nargs="?", const="examples", default=None, metavar="FOLDER", help="train nothing; write "
+    p.add_argument("--examples", nargs="?", type=named("a folder"), const="examples", default=None, metavar="FOLDER", help="train nothing; write "
                    "the README's example data into FOLDER (default: examples): texts/ (the built-in corpus as .txt files), "
                    "pictures/ (a picture of each colour and shape), pydoc_chats.jsonl (conversations to fine-tune on) and "
                    "pydoc_prefs.jsonl (preference pairs to tune the result on)")
-    p.add_argument("--plot", default=None, metavar="RUN", help="train nothing; draw RUN/loss.png again from RUN/metrics.jsonl "
+    p.add_argument("--plot", type=named("a run folder"), default=None, metavar="RUN", help="train nothing; draw RUN/loss.png again from RUN/metrics.jsonl "
                    "(needs the plots extra)")
     args = p.parse_args(argv)
     given = {}

@@ -74,3 +74,18 @@ def test_plot_draws_a_run_again_and_names_a_missing_folder(corpus_env, tmp_path,
     assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'} does not exist; give a folder that train.py wrote, such as out/gpt_llama\n"
     assert train.main(["--plot", str(tmp_path)]) == 2
     assert "holds no metrics.jsonl" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    for given, said in ((str(tmp_path / "a_file"), "a_file is not a folder;"), ("", "--plot must name a run folder")):
+        assert train.main(["--plot", given]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.splitlines()) == 1, err
+
+
+def test_examples_go_where_asked_and_an_unwritable_folder_is_said(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    for given, said in ((str(tmp_path / "a_file" / "ex"), "cannot write the examples into"),
+                        ("", "--examples must name a folder")):
+        assert train.main(["--examples", given]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
